@@ -164,6 +164,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         split: ``"train"`` or ``"test"`` (held-out; a disjoint hash stream).
         seed: dataset seed; the same ``(seed, split, index)`` always gives the same image.
         gradient_prob: probability of a linear-gradient background.
+        cache: optional ``.npy`` path memoising the rendered images as 8-bit RGB (see
+            :mod:`visar.data.shapes_cache`; rendered on first use, then memory-mapped). Items then
+            come from the 8-bit pixels (within half an 8-bit step of the float renders).
 
     Items are dicts ``{"image": FloatTensor [3, size, size] in [-1, 1], "label": int, "caption": str}``.
     """
@@ -172,7 +175,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     classes = CLASSES
 
     def __init__(self, size: int = 32, length: int = 50_000, split: str = "train", seed: int = 0,
-                 gradient_prob: float = 0.5):
+                 gradient_prob: float = 0.5, cache: str | os.PathLike | None = None):
         if not isinstance(size, int) or size < 8:
             raise ValueError(f"size must be an int >= 8 pixels, got {size!r}")
         if not isinstance(length, int) or length < 1:
@@ -183,6 +186,36 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"gradient_prob must be in [0, 1], got {gradient_prob}")
         self.size, self.length, self.split, self.seed = size, length, split, int(seed)
         self.gradient_prob = gradient_prob
+        self.cache = str(cache) if cache else None
+        self._pixels = None
+
+    def pixels(self):
+        """The cached ``uint8 [length, size, size, 3]`` memory map (rendered on first call), or ``None``
+        without a cache."""
+        if self.cache is None:
+            return None
+        if self._pixels is None:
+            from visar.data.shapes_cache import load_or_render
+
+            self._pixels = load_or_render(self, self.cache)
+        return self._pixels
+
+    def _images(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        px = self.pixels()
+        if px is None:
+            return self.render(indices)
+        from visar.data.shapes_cache import from_uint8
+
+        idx = self._check_indices(indices)
+        order = np.argsort(idx, kind="stable")  # sorted reads of the memory map, then back to order
+        rows = np.empty((len(idx),) + px.shape[1:], dtype=np.uint8)
+        rows[order] = px[idx[order]]
+        return from_uint8(rows), torch.as_tensor(idx % len(CLASSES), dtype=torch.long)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_pixels"] = None  # workers re-open the memory map
+        return state
 
     def __len__(self) -> int:
         return self.length
@@ -287,12 +320,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         return images, labels
 
     def __getitem__(self, i: int) -> dict:
-        img, lab = self.render([int(i)])
+        img, lab = self._images([int(i)])
         return {"image": img[0], "label": int(lab[0]), "caption": self.captions([int(i)])[0]}
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         """Batched fetch used by ``torch.utils.data.DataLoader`` (one vectorised render per batch)."""
-        imgs, labs = self.render(indices)
+        imgs, labs = self._images(indices)
         caps = self.captions(indices)
         return [{"image": imgs[k], "label": int(labs[k]), "caption": caps[k]} for k in range(len(caps))]
 

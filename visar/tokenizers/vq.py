@@ -218,9 +218,29 @@ class VQTokenizer(Tokenizer):
             usage = (counts > 0).float().mean()
         out = {"loss": rec_loss + codebook_loss + commit_loss, "recon": rec_loss, "codebook": codebook_loss,
                "commit": commit_loss, "usage": usage, "perplexity": perplexity}
+        if self.training:  # candidates for the restarts of after_optimizer_step (this micro-batch only)
+            self._restart_candidates = z_n.detach().reshape(-1, self.embed_dim)
         if return_latents:
             out["latents"] = z_n.detach().reshape(-1, self.embed_dim)
         return out
+
+    def restart_interval(self) -> int:
+        """Training steps between two dead-code checks of :meth:`after_optimizer_step`."""
+        return max(1, self.dead_code_steps // 8)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, gather=None) -> dict[str, float]:
+        """Trainer hook: every :meth:`restart_interval` steps, restart dead codes from the encoder
+        outputs of the step's last micro-batch (gathered over processes with ``gather`` so every
+        process writes the same rows; the pick is seeded by ``step``, so resumed runs stay exact).
+        Returns ``{"restarted": n}`` on check steps, else ``{}``."""
+        cands = getattr(self, "_restart_candidates", None)
+        if cands is None or step % self.restart_interval():
+            return {}
+        if gather is not None:
+            cands = gather(cands.contiguous())
+        n = self.restart_dead_codes(cands, generator=torch.Generator().manual_seed(int(step)))
+        return {"restarted": float(n)}
 
     def dead_codes(self, threshold: int | None = None) -> torch.Tensor:
         """Bool mask ``[vocab_size]`` of codes unused for at least ``threshold`` (default

@@ -77,7 +77,9 @@ def build_dataset(cfg: TrainConfig) -> torch.utils.data.Dataset:
     if d.kind == "shapes":
         from visar.data.shapes import ShapesDataset
 
-        return ShapesDataset(size=d.size, length=d.length, split=d.split, seed=d.seed)
+        ds = ShapesDataset(size=d.size, length=d.length, split=d.split, seed=d.seed, cache=d.cache or None)
+        ds.pixels()  # render/open the cache now (main process first), not inside the loop
+        return ds
     if d.kind == "folder":
         from visar.data.folder import ImageFolderDataset
 
@@ -207,7 +209,8 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
         if hasattr(model, "attach_tokenizer"):  # e.g. CTF builds its coarse clusters from the codebook (deterministic)
             model.attach_tokenizer(tokenizer)
     task = make_task(cfg.task, model, tokenizer)
-    dataset = build_dataset(cfg)
+    with accelerator.main_process_first():  # rank 0 renders a data cache, the others then read it
+        dataset = build_dataset(cfg)
     if tokenizer is not None and hasattr(dataset, "check_tokenizer"):
         dataset.check_tokenizer(tokenizer)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -297,8 +300,11 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
             logs["grad_norm"] = float(gn)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(unwrapped, step)
         done = step + 1
+        hook = getattr(unwrapped, "after_optimizer_step", None)
+        if callable(hook):  # e.g. VQ dead-code restarts; gets the step and a cross-process gather
+            logs.update(hook(step=done, gather=accelerator.gather) or {})
+        ema.update(unwrapped, step)
         logs["lr"] = lr
         bar.update(1)
         if main and t.progress:
@@ -310,8 +316,14 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
                      " ".join(f"{k}={v:.4g}" for k, v in logs.items()), (time.perf_counter() - t0) / (done - start))
         if t.sample_every and done % t.sample_every == 0 and main:
             write_samples(cfg, unwrapped, ema, tokenizer, dataset, out_dir / "samples" / f"step_{done:08d}.png")
-        if (t.save_every and done % t.save_every == 0) or done == t.steps:
+        out_of_time = _out_of_time(accelerator, t.max_minutes, t0) and done < t.steps
+        if (t.save_every and done % t.save_every == 0) or done == t.steps or out_of_time:
             _save(accelerator, cfg, ckpt_root, done, unwrapped, ema, optimizer, identity)
+        if out_of_time:
+            if main:
+                log.warning("train.max_minutes=%g spent: stopping at step %d of %d (checkpoint saved; "
+                            "the export holds this step's EMA weights)", t.max_minutes, done, t.steps)
+            break
     bar.close()
     accelerator.wait_for_everyone()
     if main:
@@ -320,6 +332,18 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
             write_samples(cfg, unwrapped, ema, tokenizer, dataset, out_dir / "samples" / "final.png")
     accelerator.wait_for_everyone()
     return export_dir
+
+
+def _out_of_time(accelerator, max_minutes: float, t0: float) -> bool:
+    """Whether the wall-clock budget is spent; rank 0's clock decides for every process."""
+    if max_minutes <= 0:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - t0 > 60.0 * max_minutes)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        flag = broadcast(flag, 0)
+    return bool(flag.item())
 
 
 def _save(accelerator, cfg, root, step, model, ema, optimizer, identity) -> None:
