@@ -183,4 +183,4 @@ def test_generator_works_for_any_partition(monkeypatch):
     b = m.sample([1], generator=torch.Generator().manual_seed(0), num_steps=2, cfg_scale=2.0, use_cache=False)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown entity type"):
-        tiny(entity="subsample")
+        tiny(entity="pyramid")

@@ -3,9 +3,10 @@
 Ren et al. 2025, "Beyond Next-Token: Next-X Prediction for Autoregressive Visual Generation";
 numerics follow the official code (``OliverRensu/xAR``), see ``../shared/fixtures/xar/README.md``.
 
-* The scaled KL latent ``[B, C, H, W]`` is reordered into a sequence of *entities* by a
-  :class:`~visar.generators.entities.GridPartition` (the released models: 8 x 8 cells of a 16 x 16
-  grid, i.e. 4 entities of 64 tokens). The transformer is block-causal over entities.
+* The scaled KL latent ``[B, C, H, W]`` is turned into a sequence of *entities* by an
+  :class:`~visar.generators.entities.EntityLayout` -- token, cell, subsample, scale or image (the
+  released models: 8 x 8 cells of a 16 x 16 grid, i.e. 4 entities of 64 tokens). The transformer is
+  block-causal over entities; every entity type runs through the same model, loss, sampler and cache.
 * There is no separate head: the transformer predicts the velocity ``v = eps - x`` of every token
   (``pred``), conditioned per entity on ``class_emb(label) + time_embed(t_int)`` through the adaLN of
   :class:`~visar.nn.adaln_block.AdaLNBlock`.
@@ -25,12 +26,12 @@ import torch
 from torch import nn
 
 from visar.generators.base import Condition, Generator
-from visar.generators.entities import GridPartition, make_partition
+from visar.generators.entities import EntityLayout, make_partition
 from visar.nn.adaln_block import AdaLNBlock
 from visar.nn.embeddings import LabelEmbedding, TimestepEmbedding, quantize_timestep, timestep_sinusoid
 from visar.nn.kv_cache import CacheState
 from visar.nn.norms import RMSNorm
-from visar.nn.rope import grid_positions, rope_2d_angles, rope_tables
+from visar.nn.rope import rope_2d_angles, rope_tables
 from visar.utils.config import register_config
 from visar.utils.validation import check_labels
 from visar.zoo import Preset
@@ -56,8 +57,14 @@ class NextXGenerator(Generator):
         num_classes: classes; row ``num_classes`` of the class table is the CFG null class.
         in_channels: latent channels (16 for MAR's KL-16).
         latent_size: side of the latent grid (16 for 256 px with KL-16).
-        cell: entity = ``cell x cell`` tokens (must divide ``latent_size``; 8 in the released models).
-        entity: entity type, a key of :data:`visar.generators.entities.ENTITY_TYPES` (``"cell"``).
+        cell: for ``entity="cell"``: entity = ``cell x cell`` tokens (must divide ``latent_size``; 8 in
+            the released models).
+        entity: entity type, a key of :data:`visar.generators.entities.ENTITY_TYPES`: ``"token"``,
+            ``"cell"``, ``"subsample"``, ``"scale"`` or ``"image"`` (see ``docs/xar.md``).
+        stride: for ``entity="subsample"``: ``stride^2`` entities of tokens ``stride`` apart (must divide
+            ``latent_size``).
+        scales: for ``entity="scale"``: increasing sides ending at ``latent_size`` (default ``[1, 2, 4,
+            ..., latent_size]``); entity ``k`` is the latent area-downsampled to ``scales[k]^2`` tokens.
         width, encoder_depth, decoder_depth, num_heads, mlp_ratio: the transformer (both stacks share
             width and heads, as in every released model).
         label_drop_prob: label dropout for CFG training.
@@ -71,11 +78,14 @@ class NextXGenerator(Generator):
     def __init__(self, num_classes: int = 1000, in_channels: int = 16, latent_size: int = 16, cell: int = 8,
                  width: int = 768, encoder_depth: int = 8, decoder_depth: int = 8, num_heads: int = 12,
                  mlp_ratio: float = 4.0, label_drop_prob: float = 0.1, attn_dropout: float = 0.0,
-                 proj_dropout: float = 0.0, entity: str = "cell"):
+                 proj_dropout: float = 0.0, entity: str = "cell", stride: int = 2,
+                 scales: list[int] | None = None):
         super().__init__()
         if width % num_heads or (width // num_heads) % 4:
             raise ValueError(f"width {width} / {num_heads} heads must give a head dim divisible by 4 (2D RoPE)")
-        self.partition: GridPartition = make_partition(entity, latent_size, latent_size, cell)
+        self.partition: EntityLayout = make_partition(entity, latent_size, latent_size, cell, stride=stride,
+                                                      scales=scales)
+        self.entity = entity
         self.num_classes, self.in_channels, self.latent_size = num_classes, in_channels, latent_size
         self.width, self.num_heads, self.label_drop_prob = width, num_heads, label_drop_prob
         N, D = self.partition.num_tokens, width
@@ -98,10 +108,11 @@ class NextXGenerator(Generator):
         self.pred = nn.Linear(D, in_channels)
 
         self.register_buffer("mask", self.partition.mask(), persistent=False)  # [N, N]
-        rows, cols = grid_positions(latent_size)
+        here = torch.empty(0).device  # the default device (meta when built on the meta device)
+        rows, cols = (p.to(here) for p in self.partition.positions())  # grid coordinates in sequence order
         cos, sin = rope_tables(rope_2d_angles(rows, cols, D // num_heads))
-        self.register_buffer("rope_cos", self.partition.permute_rows(cos), persistent=False)  # [N, hd/2], seq order
-        self.register_buffer("rope_sin", self.partition.permute_rows(sin), persistent=False)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [N, hd/2], seq order
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("entity_index", torch.tensor(  # [N] entity of each sequence position
             [e for e, n in enumerate(self.partition.sizes) for _ in range(n)]), persistent=False)
         for p in (self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
@@ -173,7 +184,7 @@ class NextXGenerator(Generator):
         """Teacher-forced velocity of a whole noisy sequence.
 
         Args:
-            x_t: ``[B, N, C]`` noisy tokens in entity order (:meth:`GridPartition.to_sequence`).
+            x_t: ``[B, N, C]`` noisy tokens in entity order (:meth:`EntityLayout.to_sequence`).
             t: ``[B, E]`` per-entity flow time (float) or integer timestep.
             labels: ``[B]`` class ids (``num_classes`` = null class).
         Returns:
