@@ -13,6 +13,23 @@ The posterior follows LDM: ``moments = quant_conv(encoder(x))``, ``mean, logvar 
 
 diffusers is imported inside the constructor only (it takes seconds to import). Official checkpoints
 are mapped by :func:`visar.convert.mar.load_tokenizer`.
+
+Training from scratch (:meth:`KLTokenizer.training_loss`, ``visar train`` task ``tokenizer``) uses the
+LDM/MAR KL-VAE objective without its perceptual (LPIPS) and adversarial (PatchGAN) terms, which need
+downloaded weights or a second network:
+
+    loss = recon + kl_weight * kl
+    recon = mean |x - decode(z)|   (or the mean squared error), z a posterior sample
+    kl    = KL(N(mean, std^2) || N(0, 1)) summed over the latent, averaged over the batch, divided by 3*H*W
+
+(LDM sums its pixel NLL and KL per image; dividing both by ``3*H*W`` keeps LDM's ``kl_weight`` meaning:
+1e-6 for LDM's and MAR's KL VAEs.)
+
+Latent scale: diffusion/flow heads expect tokens of roughly unit variance. With ``scale_factor="auto"``
+the tokenizer keeps a running estimate of the std of its (unscaled, shifted) posterior means during
+training (the tokens ``encode`` gives the generators), in the persistent buffer ``latent_std`` (saved with the weights, so an export carries it), and
+uses ``scale_factor = 1 / latent_std``. :meth:`KLTokenizer.estimate_scale_factor` measures the same
+quantity on a batch for any tokenizer (LDM's recipe: ``1 / std`` of the latents of a batch).
 """
 from __future__ import annotations
 
@@ -44,6 +61,7 @@ KL_TINY_CONFIG: dict[str, Any] = {
 }
 
 LOGVAR_CLAMP = (-30.0, 20.0)
+RECON_LOSSES = ("l1", "mse")
 
 
 class KLTokenizer(Tokenizer):
@@ -52,31 +70,80 @@ class KLTokenizer(Tokenizer):
     Args:
         vae_config: keyword arguments of ``diffusers.AutoencoderKL`` (its ``config.json``).
         scale_factor: multiplies the latents (0.2325 for MAR's kl16). Defaults to the config's
-            ``scaling_factor``.
+            ``scaling_factor``. ``"auto"``: ``1 / latent_std``, a running estimate of the std of the
+            unscaled posterior means (what :meth:`encode` returns) updated by every :meth:`training_loss` call in training mode
+            (momentum ``max(0.01, 1 / n)`` after ``n`` updates) and saved with the weights.
         shift_factor: subtracted before scaling (``None`` or 0: no shift; MAR has none).
+        kl_weight: weight of the KL term of :meth:`training_loss` (LDM/MAR: 1e-6).
+        recon_loss: ``"l1"`` (LDM) or ``"mse"`` pixel reconstruction loss of :meth:`training_loss`.
     """
 
     kind = "continuous"
     family = "kl"
 
     @register_config
-    def __init__(self, vae_config: dict | None = None, scale_factor: float | None = None,
-                 shift_factor: float | None = None):
+    def __init__(self, vae_config: dict | None = None, scale_factor: float | str | None = None,
+                 shift_factor: float | None = None, kl_weight: float = 1e-6, recon_loss: str = "l1"):
         super().__init__()
         from diffusers import AutoencoderKL
 
+        if vae_config is not None and not isinstance(vae_config, dict):
+            raise TypeError(f"vae_config must be a dict of diffusers.AutoencoderKL kwargs, got {type(vae_config).__name__}")
         cfg = dict(KL16_CONFIG if vae_config is None else vae_config)
         cfg.pop("_class_name", None)
         cfg.pop("_diffusers_version", None)
         self.vae = AutoencoderKL(**cfg)
-        if scale_factor is None:
-            scale_factor = float(cfg.get("scaling_factor", 1.0))
-        if not scale_factor > 0:
-            raise ValueError(f"scale_factor must be > 0, got {scale_factor}")
-        self.scale_factor = float(scale_factor)
+        if isinstance(scale_factor, str):
+            if scale_factor != "auto":
+                raise ValueError(f"scale_factor must be a positive number, None or 'auto', got {scale_factor!r}")
+            self._fixed_scale: float | None = None
+            # unscaled latent std (running estimate) and the number of updates so far
+            self.register_buffer("latent_std", torch.ones(()))
+            self.register_buffer("latent_std_updates", torch.zeros((), dtype=torch.long))
+        else:
+            if scale_factor is None:
+                scale_factor = float(cfg.get("scaling_factor", 1.0))
+            if not scale_factor > 0:
+                raise ValueError(f"scale_factor must be > 0 (or 'auto'), got {scale_factor}")
+            self._fixed_scale = float(scale_factor)
+        if not kl_weight >= 0:
+            raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+        if recon_loss not in RECON_LOSSES:
+            raise ValueError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
+        self.kl_weight = float(kl_weight)
+        self.recon_loss = recon_loss
         self.shift_factor = float(shift_factor or 0.0)
         self.latent_channels = int(self.vae.config.latent_channels)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ scale
+    @property
+    def scale_factor(self) -> float:
+        """Multiplier of the (shifted) latents: fixed, or ``1 / latent_std`` with ``scale_factor="auto"``."""
+        if self._fixed_scale is not None:
+            return self._fixed_scale
+        return float(1.0 / self.latent_std.clamp_min(1e-6))
+
+    def _scale(self) -> float | torch.Tensor:
+        # a 0-dim tensor in auto mode (no host sync on an accelerator)
+        return self._fixed_scale if self._fixed_scale is not None else 1.0 / self.latent_std.clamp_min(1e-6)
+
+    @torch.no_grad()
+    def estimate_scale_factor(self, images: torch.Tensor, sample: bool = False,
+                              generator: torch.Generator | None = None) -> float:
+        """``1 / std`` of the unscaled, shifted latents of ``images`` ``[B, 3, H, W]`` in ``[-1, 1]``
+        (posterior means, or samples with ``sample=True``): the ``scale_factor`` that gives them unit
+        std (LDM's recipe). Use a few hundred images; the result is not applied, pass it as ``scale_factor``.
+        """
+        mean, std = self.posterior(images)
+        z = mean
+        if sample:
+            z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        s = (z.float() - self.shift_factor).std()
+        if not torch.isfinite(s) or s <= 0:
+            raise ValueError(f"latent std is {float(s)}: cannot estimate a scale factor (need more than one "
+                             "latent value and a finite encoder output)")
+        return float(1.0 / s)
 
     # ------------------------------------------------------------------ posterior
     def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +163,7 @@ class KLTokenizer(Tokenizer):
         z = mean
         if sample:
             z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (z - self.shift_factor) * self.scale_factor
+        return (z - self.shift_factor) * self._scale()
 
     # ------------------------------------------------------------------ decoder
     def check_latents(self, latents: torch.Tensor) -> None:
@@ -113,10 +180,44 @@ class KLTokenizer(Tokenizer):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents ``[B, C, h, w]`` -> images ``[B, 3, h*s, w*s]``, nominally in ``[-1, 1]`` (not clamped)."""
         self.check_latents(latents)
-        z = latents / self.scale_factor + self.shift_factor
+        return self._decode_unscaled(latents / self._scale() + self.shift_factor)
+
+    def _decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
         if self.vae.post_quant_conv is not None:
             z = self.vae.post_quant_conv(z)
         return self.vae.decoder(z)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """KL-VAE loss on a batch ``[B, 3, H, W]`` in ``[-1, 1]`` (LDM/MAR objective without LPIPS and GAN).
+
+        Returns scalars: ``loss = recon + kl_weight * kl``; ``recon``: mean L1 (or MSE) between the images
+        and the decoding of a posterior sample; ``kl``: ``KL(q(z|x) || N(0, I))`` summed over the latent,
+        averaged over the batch and divided by ``3*H*W``; detached ``latent_std`` (std of the unscaled
+        posterior means of this batch) and ``posterior_std`` (mean posterior std).
+        In training mode with ``scale_factor="auto"`` the running ``latent_std`` buffer is updated.
+        """
+        self.check_images(images)
+        mean, std = self.posterior(images)
+        z = mean + std * torch.randn_like(mean)
+        recon = self._decode_unscaled(z)
+        if recon.shape != images.shape:
+            raise ValueError(f"the decoder returned {tuple(recon.shape)} for images {tuple(images.shape)}")
+        diff = recon.float() - images.float()
+        rec = diff.abs().mean() if self.recon_loss == "l1" else diff.pow(2).mean()
+        m, s = mean.float(), std.float()
+        logvar = 2 * torch.log(s.clamp_min(1e-30))
+        kl_per_image = 0.5 * (m.pow(2) + s.pow(2) - 1.0 - logvar).flatten(1).sum(1)
+        kl = kl_per_image.mean() / images[0].numel()
+        with torch.no_grad():
+            batch_std = (m - self.shift_factor).std()
+            if self.training and self._fixed_scale is None:  # tensor ops only: no host sync per step
+                self.latent_std_updates.add_(1)
+                w = (1.0 / self.latent_std_updates.float()).clamp_min(0.01)
+                upd = torch.lerp(self.latent_std.float(), batch_std, w)
+                self.latent_std.copy_(torch.where(torch.isfinite(batch_std), upd, self.latent_std.float()))
+        return {"loss": rec + self.kl_weight * kl, "recon": rec, "kl": kl,
+                "latent_std": batch_std, "posterior_std": s.mean().detach()}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the posterior mean."""
