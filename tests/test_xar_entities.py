@@ -179,3 +179,18 @@ def test_bad_entity_options():
     m = tiny("scale", scales=[4, 8])
     with pytest.raises(ValueError, match=r"x_t must be \[B, 80, 4\]"):
         m(torch.randn(1, 64, 4), torch.rand(1, 2), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("name,entity,sizes", [("xar_shapes_cell", "cell", [16] * 4),
+                                               ("xar_shapes_scale", "scale", [1, 4, 16, 64])])
+def test_shapes_configs_build(name, entity, sizes, tmp_path):
+    from visar.train.config import load_config
+
+    # the tokenizer export may not exist yet: point the config at a stand-in folder
+    (tmp_path / "tokenizer.json").write_text("{}")
+    cfg = load_config(f"configs/{name}.yaml", [f"tokenizer.path={tmp_path}"])
+    assert cfg.train.output_dir == f"runs/{name}" and cfg.export_dir == f"runs/{name}/export"
+    with torch.device("meta"):
+        m = NextXGenerator(**cfg.model.kwargs)
+    assert m.entity == entity and m.partition.sizes == sizes
+    assert 1e6 < sum(p.numel() for p in m.parameters()) < 3e6
