@@ -254,8 +254,8 @@ class NextXGenerator(Generator):
     @torch.no_grad()
     def sample(self, cond: Condition | list | torch.Tensor | int, generator: torch.Generator | None = None,
                num_steps: int = 40, cfg_scale: float = 2.7, use_cache: bool = True,
-               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-        """Draw latents entity by entity with the Euler-Maruyama sampler.
+               callback: Callable[[dict], None] | None = None, method: str = "sde") -> torch.Tensor:
+        """Draw latents entity by entity with the Euler-Maruyama sampler (or a deterministic Euler ODE).
 
         Per entity ``k``: ``x ~ N(0, I)`` (float32 draw, float64 state); for each step of
         :func:`em_time_grid` the model gives ``v``; score ``s = (-(1 - t) v - x) / t``, drift
@@ -271,6 +271,9 @@ class NextXGenerator(Generator):
             cfg_scale: guidance at the last entity; ``1`` disables guidance (no unconditional rows).
             use_cache: static KV cache (``False`` runs the whole sequence at every call; same result).
             callback: called after every model call with ``{"entity", "step", "x", "time", "labels", "out"}``.
+            method: ``"sde"`` (the official sampler above) or ``"ode"``: Euler steps ``x += v_cfg dt`` of
+                the probability-flow ODE on ``linspace(1, 0, num_steps + 1)`` with the same CFG ramp
+                applied to the velocity and the initial draw as the only noise (not in the official code).
         Returns:
             ``[B, C, H, W]`` scaled latents in the model's dtype.
         """
@@ -278,7 +281,11 @@ class NextXGenerator(Generator):
         if cond.labels is None:
             raise ValueError(f"{type(self).__name__} is class-conditional: give class ids, not text features")
         self.check_condition(cond)
+        if method not in ("sde", "ode"):
+            raise ValueError(f"method must be 'sde' (Euler-Maruyama, official) or 'ode' (Euler), got {method!r}")
         grid = em_time_grid(num_steps).tolist()
+        if method == "ode":
+            grid = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
         if not math.isfinite(cfg_scale) or cfg_scale < 0:
             raise ValueError(f"cfg_scale must be a finite number >= 0 (1 disables guidance), got {cfg_scale}")
         dev, dtype = self.pred.weight.device, self.pred.weight.dtype
@@ -292,11 +299,12 @@ class NextXGenerator(Generator):
                             dtype=self.pred.weight.dtype, device=dev) if use_cache else None)
         noise_dev = generator.device if generator is not None else dev
         done: list[torch.Tensor] = []  # final samples of finished entities, [R, n_j, C] in the model dtype
+        ode = method == "ode"
         for k, n_k in enumerate(self.partition.sizes):
             x = torch.randn(B, n_k, C, generator=generator, device=noise_dev).to(dev).double()
             cfg_k = 1.0 + (cfg_scale - 1.0) * k / max(E - 1, 1)
             for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-                last = i == len(grid) - 2
+                last = ode or i == len(grid) - 2  # no noise term
                 if not last:
                     e = torch.randn(x.shape, generator=generator, device=noise_dev, dtype=torch.float64).to(dev)
                 xf = x.to(dtype)  # the model runs in its own dtype (float32 for parity)
@@ -305,8 +313,11 @@ class NextXGenerator(Generator):
                 if callback is not None:
                     callback({"entity": k, "step": i, "x": inp, "time": t_cur, "labels": labels, "out": v})
                 xx, v = (torch.cat([x, x]) if guided else x), v.double()  # drift and update in float64
-                score = (-(1 - t_cur) * v - xx) / t_cur
-                d = v - t_cur * score  # 0.5 * w * s with w = 2t
+                if ode:  # dx/dt = v = eps - x along x_t = (1 - t) x + t eps
+                    d = v
+                else:
+                    score = (-(1 - t_cur) * v - xx) / t_cur
+                    d = v - t_cur * score  # 0.5 * w * s with w = 2t
                 if guided:
                     d_c, d_u = d.chunk(2)
                     d = cfg_mix(d_c, d_u, cfg_k)
