@@ -43,7 +43,9 @@ class EMA:
     """Exponential moving average of a model's floating-point state (fp32 shadow copy).
 
     ``decay_t = min(decay, (1 + t) / (10 + t))`` so early averages are not dominated by the random init.
-    Non-float buffers are copied as they are.
+    Non-float buffers are copied as they are. The shadow lives on the model's device (moved there at
+    the first update, since the trainer builds the EMA before Accelerate moves the model);
+    :meth:`state_dict` returns CPU tensors for checkpoints.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -56,13 +58,15 @@ class EMA:
         d = min(self.decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             s = self.shadow[k]
+            if s.device != v.device:
+                s = self.shadow[k] = s.to(v.device)
             if v.is_floating_point():
                 s.mul_(d).add_(v.detach().float(), alpha=1 - d)
             else:
                 s.copy_(v)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
+        return {k: v.cpu() for k, v in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
@@ -74,4 +78,4 @@ class EMA:
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged weights into ``model`` (cast to its dtypes)."""
         sd = model.state_dict()
-        model.load_state_dict({k: self.shadow[k].to(sd[k].dtype) for k in sd})
+        model.load_state_dict({k: self.shadow[k].to(device=sd[k].device, dtype=sd[k].dtype) for k in sd})

@@ -30,7 +30,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     """Atomically save a flat tensor dict (shared storage is copied, tensors made contiguous)."""
     from safetensors.torch import save
 
-    clean = {k: v.detach().contiguous().clone() if v.data_ptr() in _shared_ptrs(tensors) else v.detach().contiguous()
+    clean = {k: v.detach().cpu().contiguous().clone() if v.data_ptr() in _shared_ptrs(tensors) else v.detach().cpu().contiguous()
              for k, v in tensors.items()}
     atomic_write_bytes(path, save(clean, metadata=metadata))
 
