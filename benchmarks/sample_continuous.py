@@ -5,7 +5,10 @@ Both paths run the same model and the same MAR schedule (random order, linear CF
 only the head calls differ. A and B alternate in one process; the figure is the median ratio of
 ``--runs`` pairs. Random weights (the speed does not depend on them).
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/sample_continuous.py --models tiny mar-b --runs 5
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/sample_continuous.py --runs 5
+
+One invocation times every model of ``--models`` (default: ``tiny`` and the MAR-B-sized ``mar-b``) and
+ends with one summary table of images/s, visar vs naive.
 
 ``--models ar-tiny`` times the causal continuous AR with its static KV cache against recomputing the
 whole prefix for every token. Writes a JSON summary with ``--out``.
@@ -125,6 +128,13 @@ def main() -> None:
               f"steps={res['diffusion_steps']}: visar {res['visar_images_per_s']:.3f} img/s, naive "
               f"{res['naive_images_per_s']:.3f} img/s, median speed-up {res['median_speedup']:.2f}x "
               f"(ratios {', '.join(f'{r:.2f}' for r in res['ratios'])})", flush=True)
+    print("\nsummary (images/s, median of the runs; speed-up = median of per-pair ratios)")
+    print(f"{'model':8s} {'params':>8s} {'tokens':>6s} {'batch':>5s} {'iters':>5s} {'steps':>5s} "
+          f"{'visar':>9s} {'naive':>9s} {'speed-up':>8s}")
+    for res in results:
+        print(f"{res['model']:8s} {res['params'] / 1e6:7.1f}M {res['tokens']:6d} {res['batch']:5d} "
+              f"{res['num_iter']:5d} {res['diffusion_steps']:5d} {res['visar_images_per_s']:9.3f} "
+              f"{res['naive_images_per_s']:9.3f} {res['median_speedup']:7.2f}x", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"torch": torch.__version__, "threads": args.threads, "results": results}, f, indent=1)
