@@ -257,14 +257,16 @@ class ScalePyramid(EntityLayout):
     def from_options(cls, height, width, cell=1, stride=1, scales=None):
         return cls(height, width, scales)
 
+    def maps(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """``[B, C, H, W]`` -> the latent area-downsampled to every scale, ``[B, C, s_k, s_k]`` each (the
+        last one is ``latents`` itself). FlowAR's teacher-forcing targets use the same pyramid."""
+        self._check_latents(latents)
+        return [latents if s == self.height else F.interpolate(latents, size=(s, s), mode="area")
+                for s in self.scales]
+
     def to_sequence(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, sum(s_k^2), C]``: the area-downsampled latent at every scale."""
-        self._check_latents(latents)
-        parts = []
-        for s in self.scales:
-            z = latents if s == self.height else F.interpolate(latents, size=(s, s), mode="area")
-            parts.append(z.flatten(2).transpose(1, 2))
-        return torch.cat(parts, dim=1)
+        return torch.cat([z.flatten(2).transpose(1, 2) for z in self.maps(latents)], dim=1)
 
     def from_sequence(self, seq: torch.Tensor) -> torch.Tensor:
         """``[B, N, C]`` -> ``[B, C, H, W]``: the last (full-resolution) scale."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visar.generators.base import Condition, Generator
-from visar.generators.entities import block_causal_mask
+from visar.generators.entities import ScalePyramid, block_causal_mask
 from visar.generators.flow_head_transformer import FlowHeadTransformer
 from visar.nn.adaln_block import AdaLNBlock
 from visar.nn.embeddings import LabelEmbedding
@@ -103,6 +103,7 @@ class NextScaleFlowGenerator(Generator):
             raise ValueError(f"head width {head_width} / {head_num_heads} heads must give a head dim divisible by 4")
         self.num_classes, self.in_channels, self.scales = num_classes, in_channels, scales
         self.latent_side = scales[-1]
+        self.pyramid = ScalePyramid(self.latent_side, self.latent_side, list(scales))  # area pyramid of a latent
         self.width, self.num_heads, self.label_drop_prob = width, num_heads, label_drop_prob
         self.seq_len = sum(s * s for s in scales)
         L, D = self.seq_len, width
@@ -172,7 +173,7 @@ class NextScaleFlowGenerator(Generator):
 
     def teacher_inputs(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets ``[B, L, C]`` (area pyramid) and next-scale inputs ``[B, L - 1, C]`` of a latent."""
-        maps = [F.interpolate(latents, size=(s, s), mode="area") for s in self.scales]
+        maps = self.pyramid.maps(latents)
         targets = torch.cat([map_to_tokens(m) for m in maps], dim=1)
         inputs = [map_to_tokens(self.next_scale_input(m, s)) for m, s in zip(maps[:-1], self.scales[1:])]
         return targets, torch.cat(inputs, dim=1) if inputs else targets[:, :0]

@@ -148,13 +148,17 @@ class KLTokenizer(Tokenizer):
     # ------------------------------------------------------------------ posterior
     def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscaled posterior ``(mean, std)``, each ``[B, C, H/s, W/s]`` (``logvar`` clamped to [-30, 20])."""
+        mean, logvar = self._posterior_moments(images)
+        return mean, torch.exp(0.5 * logvar)
+
+    def _posterior_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled posterior ``(mean, logvar)`` with ``logvar`` clamped to [-30, 20]."""
         self.check_images(images)
         moments = self.vae.encoder(images)
         if self.vae.quant_conv is not None:
             moments = self.vae.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)
-        logvar = logvar.clamp(*LOGVAR_CLAMP)
-        return mean, torch.exp(0.5 * logvar)
+        return mean, logvar.clamp(*LOGVAR_CLAMP)
 
     def encode(self, images: torch.Tensor, sample: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -197,16 +201,15 @@ class KLTokenizer(Tokenizer):
         posterior means of this batch) and ``posterior_std`` (mean posterior std).
         In training mode with ``scale_factor="auto"`` the running ``latent_std`` buffer is updated.
         """
-        self.check_images(images)
-        mean, std = self.posterior(images)
+        mean, logvar = self._posterior_moments(images)
+        std = torch.exp(0.5 * logvar)
         z = mean + std * torch.randn_like(mean)
         recon = self._decode_unscaled(z)
         if recon.shape != images.shape:
             raise ValueError(f"the decoder returned {tuple(recon.shape)} for images {tuple(images.shape)}")
         diff = recon.float() - images.float()
         rec = diff.abs().mean() if self.recon_loss == "l1" else diff.pow(2).mean()
-        m, s = mean.float(), std.float()
-        logvar = 2 * torch.log(s.clamp_min(1e-30))
+        m, s, logvar = mean.float(), std.float(), logvar.float()
         kl_per_image = 0.5 * (m.pow(2) + s.pow(2) - 1.0 - logvar).flatten(1).sum(1)
         kl = kl_per_image.mean() / images[0].numel()
         with torch.no_grad():

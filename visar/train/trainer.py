@@ -338,12 +338,12 @@ def _out_of_time(accelerator, max_minutes: float, t0: float) -> bool:
     """Whether the wall-clock budget is spent; rank 0's clock decides for every process."""
     if max_minutes <= 0:
         return False
-    flag = torch.tensor([float(time.perf_counter() - t0 > 60.0 * max_minutes)], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast
+    spent = time.perf_counter() - t0 > 60.0 * max_minutes
+    if accelerator.num_processes == 1:  # host clock only: no device tensor, no sync per step
+        return spent
+    from accelerate.utils import broadcast
 
-        flag = broadcast(flag, 0)
-    return bool(flag.item())
+    return bool(broadcast(torch.tensor([float(spent)], device=accelerator.device), 0).item())
 
 
 def _save(accelerator, cfg, root, step, model, ema, optimizer, identity) -> None:
