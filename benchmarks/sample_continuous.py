@@ -46,7 +46,7 @@ def naive_head_sample(head):
         for i in range(n):
             zi = torch.stack([z[i], z[n + i]]) if g else z[i:i + 1]
             out.append(batched(zi, steps, cfg=cfg, temperature=temperature, generator=generator,
-                               final_noise=final_noise, guided=g))
+                               final_noise=final_noise, guided=g, **kw))
         return torch.cat(out)
 
     return sample

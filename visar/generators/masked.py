@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from visar.generators.base import Condition, Generator
-from visar.generators.heads import DiffusionHead, FlowHead
+from visar.generators.heads import MODEL_X0_CLIP, DiffusionHead, FlowHead, check_x0_clip
 from visar.nn.attention import Attention
 from visar.nn.mlp import GeluMlp
 from visar.utils.config import register_config
@@ -100,6 +100,13 @@ def numpy_orders(batch: int, seq_len: int, rng) -> torch.Tensor:
     return torch.from_numpy(np.array(orders)).long()
 
 
+def check_head_x0_clip(head, x0_clip) -> None:
+    """Per-call ``x0_clip`` of a generator's ``sample``: valid, and only a diffusion head takes a value."""
+    check_x0_clip(x0_clip, allow_model=True)
+    if not isinstance(head, DiffusionHead) and not (isinstance(x0_clip, str) or x0_clip is None):
+        raise ValueError(f"x0_clip applies to the diffusion head only; this model has a {type(head).__name__}")
+
+
 def truncated_normal_ratio(low: float, generator: torch.Generator | None, device=None) -> float:
     """One draw of the official mask ratio: N(1, 0.25) truncated to ``[low, 1]`` (inverse-CDF sampling)."""
     a, b = (low - 1.0) / 0.25, 0.0
@@ -128,6 +135,10 @@ class MaskedGenerator(Generator):
         diffusion_batch_mul: head-loss repetitions of every token (4).
         grad_checkpointing: recompute the head's blocks in backward.
         head: ``"diffusion"`` (MAR) or ``"flow"`` (flow-matching head, visar option).
+        x0_clip: diffusion head only: default clamp ``[-x0_clip, x0_clip]`` of the head's predicted clean
+            token while sampling (visar option, saved with the model config); ``None`` = the official
+            sampler. A head trained briefly from scratch needs it (5.0 for ~unit-std latents), see
+            :class:`~visar.generators.heads.DiffusionHead`.
     """
 
     family = "mar"
@@ -141,8 +152,11 @@ class MaskedGenerator(Generator):
                  label_drop_prob: float = 0.1, class_num: int = 1000, attn_dropout: float = 0.1,
                  proj_dropout: float = 0.1, buffer_size: int = 64, diffloss_d: int = 3, diffloss_w: int = 1024,
                  num_sampling_steps: int = 100, diffusion_batch_mul: int = 4, grad_checkpointing: bool = False,
-                 head: str = "diffusion"):
+                 head: str = "diffusion", x0_clip: float | None = None):
         super().__init__()
+        check_x0_clip(x0_clip)
+        if x0_clip is not None and head != "diffusion":
+            raise ValueError(f"x0_clip applies to the diffusion head only; leave it None with head={head!r}")
         if img_size % (vae_stride * patch_size):
             raise ValueError(f"img_size {img_size} must be a multiple of vae_stride * patch_size = "
                              f"{vae_stride * patch_size}")
@@ -179,7 +193,7 @@ class MaskedGenerator(Generator):
         steps = int(num_sampling_steps)
         if head == "diffusion":
             self.head = DiffusionHead(self.token_embed_dim, Dd, diffloss_w, diffloss_d, steps,
-                                      grad_checkpointing=grad_checkpointing)
+                                      grad_checkpointing=grad_checkpointing, x0_clip=x0_clip)
         elif head == "flow":
             self.head = FlowHead(self.token_embed_dim, Dd, diffloss_w, diffloss_d, steps,
                                  grad_checkpointing=grad_checkpointing)
@@ -320,7 +334,7 @@ class MaskedGenerator(Generator):
 
     # ------------------------------------------------------------------ sampling
     def check_sample_args(self, num_iter: int, cfg: float, cfg_schedule: str, temperature: float,
-                          num_sampling_steps: int | None) -> None:
+                          num_sampling_steps: int | None, x0_clip=MODEL_X0_CLIP) -> None:
         if not isinstance(num_iter, int) or not 1 <= num_iter <= self.seq_len:
             raise ValueError(f"num_iter must be an integer in [1, {self.seq_len}] (the number of tokens); "
                              f"got {num_iter!r}")
@@ -330,13 +344,14 @@ class MaskedGenerator(Generator):
         if num_sampling_steps is not None and (not isinstance(num_sampling_steps, int) or num_sampling_steps < 1):
             raise ValueError(f"num_sampling_steps (diffusion steps of the head) must be an integer >= 1, got "
                              f"{num_sampling_steps!r}")
+        check_head_x0_clip(self.head, x0_clip)
 
     @torch.no_grad()
     def sample(self, cond: Condition, generator: torch.Generator | None = None, num_iter: int = 64,
                cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
                num_sampling_steps: int | None = None, orders: torch.Tensor | None = None, order_rng=None,
                final_noise: bool = False, progress: bool = False, cfg_scale: float | None = None,
-               stats: dict | None = None) -> torch.Tensor:
+               stats: dict | None = None, x0_clip: float | None | str = MODEL_X0_CLIP) -> torch.Tensor:
         """Official ``sample_tokens``: latents ``[B, C, h, w]`` for the labels of ``cond``.
 
         Args:
@@ -352,11 +367,14 @@ class MaskedGenerator(Generator):
             order_rng: int seed / ``np.random.RandomState`` / ``np.random.Generator`` for official-compatible
                 orders (the official run: ``np.random.seed(0)`` -> ``order_rng=0``).
             final_noise: keep the head's last-step noise (see :mod:`visar.generators.heads`).
+            x0_clip: clamp of the diffusion head's predicted clean token: ``"model"`` (default) = the
+                model's ``x0_clip``, ``None`` = no clipping (official sampler), a number > 0 = that range.
             stats: optional dict filled with ``rows_per_step`` and ``cfg_per_step``.
         """
         if cfg_scale is not None:
             cfg = cfg_scale
-        self.check_sample_args(num_iter, cfg, cfg_schedule, temperature, num_sampling_steps)
+        self.check_sample_args(num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, x0_clip)
+        head_opts = {"x0_clip": x0_clip} if isinstance(self.head, DiffusionHead) else {}
         self.check_condition(cond)
         labels = cond.labels
         dev = self.fake_latent.device
@@ -395,7 +413,7 @@ class MaskedGenerator(Generator):
             else:
                 cfg_iter = cfg
             new = self.head.sample(z, num_sampling_steps, cfg=cfg_iter, temperature=temperature,
-                                   generator=generator, final_noise=final_noise, guided=guided)
+                                   generator=generator, final_noise=final_noise, guided=guided, **head_opts)
             if stats is not None:
                 stats.setdefault("rows_per_step", []).append(int(z.shape[0]))
                 stats.setdefault("cfg_per_step", []).append(float(cfg_iter))

@@ -29,9 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from visar.generators.base import Condition, Generator
-from visar.generators.heads import DiffusionHead, FlowHead
+from visar.generators.heads import MODEL_X0_CLIP, DiffusionHead, FlowHead, check_x0_clip
 from visar.generators.llama_trunk import LlamaTrunk, init_llama_weights
-from visar.generators.masked import patchify, unpatchify
+from visar.generators.masked import check_head_x0_clip, patchify, unpatchify
 from visar.generators.next_token import NextTokenState
 from visar.nn.embeddings import LabelEmbedding
 from visar.utils.config import register_config
@@ -54,6 +54,10 @@ class NextTokenContinuousGenerator(Generator):
         diffusion_batch_mul: head-loss repetitions per token.
         class_dropout: training probability of the null class (CFG).
         ffn_hidden, rope_base, norm_eps, token_dropout, attn_dropout, resid_dropout, ffn_dropout: trunk options.
+        x0_clip: diffusion head only: default clamp ``[-x0_clip, x0_clip]`` of the head's predicted clean
+            token while sampling (saved with the model config); ``None`` = MAR's sampler. A head trained
+            briefly from scratch needs it (5.0 for ~unit-std latents), see
+            :class:`~visar.generators.heads.DiffusionHead`.
     """
 
     family = "mar-ar"
@@ -65,8 +69,12 @@ class NextTokenContinuousGenerator(Generator):
                  head_width: int = 1024, head_depth: int = 6, num_sampling_steps: int = 100,
                  diffusion_batch_mul: int = 4, class_dropout: float = 0.1, ffn_hidden: int | None = None,
                  rope_base: float = 10000.0, norm_eps: float = 1e-5, token_dropout: float = 0.0,
-                 attn_dropout: float = 0.0, resid_dropout: float = 0.0, ffn_dropout: float = 0.0):
+                 attn_dropout: float = 0.0, resid_dropout: float = 0.0, ffn_dropout: float = 0.0,
+                 x0_clip: float | None = None):
         super().__init__()
+        check_x0_clip(x0_clip)
+        if x0_clip is not None and head != "diffusion":
+            raise ValueError(f"x0_clip applies to the diffusion head only; leave it None with head={head!r}")
         if grid_size % patch_size:
             raise ValueError(f"grid_size {grid_size} must be a multiple of patch_size {patch_size}")
         if not 0.0 <= class_dropout < 1.0:
@@ -84,7 +92,8 @@ class NextTokenContinuousGenerator(Generator):
                                 resid_dropout=resid_dropout, ffn_dropout=ffn_dropout)
         init_llama_weights(self)
         if head == "diffusion":
-            self.head = DiffusionHead(self.token_dim, dim, head_width, head_depth, num_sampling_steps)
+            self.head = DiffusionHead(self.token_dim, dim, head_width, head_depth, num_sampling_steps,
+                                      x0_clip=x0_clip)
         elif head == "flow":
             self.head = FlowHead(self.token_dim, dim, head_width, head_depth, num_sampling_steps)
         else:
@@ -206,7 +215,7 @@ class NextTokenContinuousGenerator(Generator):
     def sample(self, cond: Condition, generator: torch.Generator | None = None, cfg: float = 1.0,
                cfg_schedule: str = "constant", temperature: float = 1.0, num_sampling_steps: int | None = None,
                final_noise: bool = False, use_cache: bool = True, progress: bool = False,
-               cfg_scale: float | None = None) -> torch.Tensor:
+               cfg_scale: float | None = None, x0_clip: float | None | str = MODEL_X0_CLIP) -> torch.Tensor:
         """Raster-order sampling; returns latents ``[B, C, h, w]``.
 
         Args:
@@ -218,6 +227,8 @@ class NextTokenContinuousGenerator(Generator):
             num_sampling_steps: head steps (default: the head's).
             final_noise: keep the head's last-step noise.
             use_cache: ``False`` recomputes the whole prefix every token (reference path for tests).
+            x0_clip: clamp of the diffusion head's predicted clean token: ``"model"`` (default) = the
+                model's ``x0_clip``, ``None`` = no clipping (MAR's sampler), a number > 0 = that range.
         """
         if cfg_scale is not None:
             cfg = cfg_scale
@@ -226,6 +237,8 @@ class NextTokenContinuousGenerator(Generator):
             raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {cfg_schedule!r}")
         if num_sampling_steps is not None and (not isinstance(num_sampling_steps, int) or num_sampling_steps < 1):
             raise ValueError(f"num_sampling_steps must be an integer >= 1, got {num_sampling_steps!r}")
+        check_head_x0_clip(self.head, x0_clip)
+        head_opts = {"x0_clip": x0_clip} if isinstance(self.head, DiffusionHead) else {}
         self.check_condition(cond)
         B, L = cond.batch_size, self.num_tokens
         guided = cfg != 1.0
@@ -242,7 +255,7 @@ class NextTokenContinuousGenerator(Generator):
                 z = self.forward(torch.cat([prefix, prefix]) if guided else prefix, full)[:, i]
             x = self.head.sample(z, num_sampling_steps, cfg=self.cfg_at(cfg, cfg_schedule, i, L),
                                  temperature=temperature, generator=generator, final_noise=final_noise,
-                                 guided=guided)
+                                 guided=guided, **head_opts)
             out[:, i] = x
             if use_cache and i < L - 1:
                 z = self.step(state, x[:, None], i)[:, 0]
