@@ -89,6 +89,27 @@ def check_x0_clip(x0_clip, allow_model: bool = False) -> None:
                          f"official MAR sampler){extra}; got {x0_clip!r}")
 
 
+def check_x0_clip_for_head(head: str, x0_clip) -> None:
+    """Constructor ``x0_clip`` of a generator with a ``head`` kind: valid, and ``None`` unless ``"diffusion"``."""
+    check_x0_clip(x0_clip)
+    if x0_clip is not None and head != "diffusion":
+        raise ValueError(f"x0_clip applies to the diffusion head only; leave it None with head={head!r}")
+
+
+def head_sample_options(head: nn.Module, x0_clip=MODEL_X0_CLIP) -> dict:
+    """Validate a generator's per-call ``x0_clip`` and return the extra ``head.sample`` kwargs it means.
+
+    A :class:`DiffusionHead` gets ``{"x0_clip": x0_clip}``; any other head takes no value (``"model"`` or
+    ``None`` give ``{}``, a number raises ``ValueError``).
+    """
+    check_x0_clip(x0_clip, allow_model=True)
+    if isinstance(head, DiffusionHead):
+        return {"x0_clip": x0_clip}
+    if not (isinstance(x0_clip, str) or x0_clip is None):
+        raise ValueError(f"x0_clip applies to the diffusion head only; this model has a {type(head).__name__}")
+    return {}
+
+
 def check_head_args(steps: int, temperature: float, max_steps: int, min_steps: int = 1) -> None:
     if not isinstance(steps, int) or not 1 <= steps <= max_steps:
         raise ValueError(f"the number of head sampling steps must be an integer in [1, {max_steps}], got {steps!r}")
@@ -499,4 +520,4 @@ def build_head(kind: str, **kwargs) -> nn.Module:
 
 
 __all__ = ["DiffusionHead", "FlowHead", "HeadSample", "HeadNoise", "SimpleMLPAdaLN", "build_head",
-           "check_x0_clip", "MODEL_X0_CLIP", "normal_kl", "discretized_gaussian_log_likelihood"]
+           "check_x0_clip", "check_x0_clip_for_head", "head_sample_options", "MODEL_X0_CLIP", "normal_kl", "discretized_gaussian_log_likelihood"]

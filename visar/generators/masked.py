@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from visar.generators.base import Condition, Generator
-from visar.generators.heads import MODEL_X0_CLIP, DiffusionHead, FlowHead, check_x0_clip
+from visar.generators.heads import MODEL_X0_CLIP, DiffusionHead, FlowHead, check_x0_clip_for_head, head_sample_options
 from visar.nn.attention import Attention
 from visar.nn.mlp import GeluMlp
 from visar.utils.config import register_config
@@ -100,13 +100,6 @@ def numpy_orders(batch: int, seq_len: int, rng) -> torch.Tensor:
     return torch.from_numpy(np.array(orders)).long()
 
 
-def check_head_x0_clip(head, x0_clip) -> None:
-    """Per-call ``x0_clip`` of a generator's ``sample``: valid, and only a diffusion head takes a value."""
-    check_x0_clip(x0_clip, allow_model=True)
-    if not isinstance(head, DiffusionHead) and not (isinstance(x0_clip, str) or x0_clip is None):
-        raise ValueError(f"x0_clip applies to the diffusion head only; this model has a {type(head).__name__}")
-
-
 def truncated_normal_ratio(low: float, generator: torch.Generator | None, device=None) -> float:
     """One draw of the official mask ratio: N(1, 0.25) truncated to ``[low, 1]`` (inverse-CDF sampling)."""
     a, b = (low - 1.0) / 0.25, 0.0
@@ -154,9 +147,7 @@ class MaskedGenerator(Generator):
                  num_sampling_steps: int = 100, diffusion_batch_mul: int = 4, grad_checkpointing: bool = False,
                  head: str = "diffusion", x0_clip: float | None = None):
         super().__init__()
-        check_x0_clip(x0_clip)
-        if x0_clip is not None and head != "diffusion":
-            raise ValueError(f"x0_clip applies to the diffusion head only; leave it None with head={head!r}")
+        check_x0_clip_for_head(head, x0_clip)
         if img_size % (vae_stride * patch_size):
             raise ValueError(f"img_size {img_size} must be a multiple of vae_stride * patch_size = "
                              f"{vae_stride * patch_size}")
@@ -344,7 +335,7 @@ class MaskedGenerator(Generator):
         if num_sampling_steps is not None and (not isinstance(num_sampling_steps, int) or num_sampling_steps < 1):
             raise ValueError(f"num_sampling_steps (diffusion steps of the head) must be an integer >= 1, got "
                              f"{num_sampling_steps!r}")
-        check_head_x0_clip(self.head, x0_clip)
+        head_sample_options(self.head, x0_clip)
 
     @torch.no_grad()
     def sample(self, cond: Condition, generator: torch.Generator | None = None, num_iter: int = 64,
@@ -374,7 +365,7 @@ class MaskedGenerator(Generator):
         if cfg_scale is not None:
             cfg = cfg_scale
         self.check_sample_args(num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, x0_clip)
-        head_opts = {"x0_clip": x0_clip} if isinstance(self.head, DiffusionHead) else {}
+        head_opts = head_sample_options(self.head, x0_clip)
         self.check_condition(cond)
         labels = cond.labels
         dev = self.fake_latent.device

@@ -29,9 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from visar.generators.base import Condition, Generator
-from visar.generators.heads import MODEL_X0_CLIP, DiffusionHead, FlowHead, check_x0_clip
+from visar.generators.heads import MODEL_X0_CLIP, DiffusionHead, FlowHead, check_x0_clip_for_head, head_sample_options
 from visar.generators.llama_trunk import LlamaTrunk, init_llama_weights
-from visar.generators.masked import check_head_x0_clip, patchify, unpatchify
+from visar.generators.masked import patchify, unpatchify
 from visar.generators.next_token import NextTokenState
 from visar.nn.embeddings import LabelEmbedding
 from visar.utils.config import register_config
@@ -72,9 +72,7 @@ class NextTokenContinuousGenerator(Generator):
                  attn_dropout: float = 0.0, resid_dropout: float = 0.0, ffn_dropout: float = 0.0,
                  x0_clip: float | None = None):
         super().__init__()
-        check_x0_clip(x0_clip)
-        if x0_clip is not None and head != "diffusion":
-            raise ValueError(f"x0_clip applies to the diffusion head only; leave it None with head={head!r}")
+        check_x0_clip_for_head(head, x0_clip)
         if grid_size % patch_size:
             raise ValueError(f"grid_size {grid_size} must be a multiple of patch_size {patch_size}")
         if not 0.0 <= class_dropout < 1.0:
@@ -237,8 +235,7 @@ class NextTokenContinuousGenerator(Generator):
             raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {cfg_schedule!r}")
         if num_sampling_steps is not None and (not isinstance(num_sampling_steps, int) or num_sampling_steps < 1):
             raise ValueError(f"num_sampling_steps must be an integer >= 1, got {num_sampling_steps!r}")
-        check_head_x0_clip(self.head, x0_clip)
-        head_opts = {"x0_clip": x0_clip} if isinstance(self.head, DiffusionHead) else {}
+        head_opts = head_sample_options(self.head, x0_clip)
         self.check_condition(cond)
         B, L = cond.batch_size, self.num_tokens
         guided = cfg != 1.0
