@@ -233,9 +233,10 @@ class VQTokenizer(Tokenizer):
         """Trainer hook: every :meth:`restart_interval` steps, restart dead codes from the encoder
         outputs of the step's last micro-batch (gathered over processes with ``gather`` so every
         process writes the same rows; the pick is seeded by ``step``, so resumed runs stay exact).
-        Returns ``{"restarted": n}`` on check steps, else ``{}``."""
+        Returns ``{"restarted": n}`` on check steps, else ``{}``. A frozen codebook (decoder-only
+        fine-tuning, ``requires_grad=False``) is never restarted: the tokens must not change."""
         cands = getattr(self, "_restart_candidates", None)
-        if cands is None or step % self.restart_interval():
+        if cands is None or step % self.restart_interval() or not self.quantize.embedding.weight.requires_grad:
             return {}
         if gather is not None:
             cands = gather(cands.contiguous())

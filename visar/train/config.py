@@ -42,6 +42,12 @@ class ModelConfig:
     cls: Optional[str] = None
     preset: Optional[str] = None
     kwargs: dict = field(default_factory=dict)
+    #: fine-tuning: a ``.safetensors`` file of this model's weights (e.g. an export's
+    #: ``tokenizer.safetensors``) loaded strictly after the model is built; empty: random init
+    init_from: str = ""
+    #: parameter-name prefixes that train (e.g. ``[decoder, post_quant_conv]``: decoder-only fine-tuning
+    #: of a VQ, which keeps its tokens); every other parameter is frozen. Empty: everything trains.
+    trainable: list = field(default_factory=list)
 
 
 @dataclass
@@ -240,6 +246,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.model.cls is not None and ":" not in cfg.model.cls:
         raise ConfigError(f"config key model.cls must look like 'visar.tokenizers.vq:VQTokenizer', got "
                           f"{cfg.model.cls!r}")
+    if cfg.model.init_from:
+        if not cfg.model.init_from.endswith(".safetensors"):
+            raise ConfigError(f"config key model.init_from must name a .safetensors file (e.g. an export's "
+                              f"tokenizer.safetensors), got {cfg.model.init_from!r}")
+        if not Path(cfg.model.init_from).is_file():
+            raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist")
+    if not all(isinstance(x, str) and x for x in cfg.model.trainable):
+        raise ConfigError(f"config key model.trainable must be a list of parameter-name prefixes such as "
+                          f"[decoder, post_quant_conv], got {cfg.model.trainable!r}")
     if d.kind not in DATA_KINDS:
         raise ConfigError(f"config key data.kind must be one of {', '.join(DATA_KINDS)}, got {d.kind!r}")
     if d.kind in ("folder", "token_cache"):

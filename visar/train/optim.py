@@ -43,13 +43,15 @@ class EMA:
     """Exponential moving average of a model's floating-point state (fp32 shadow copy).
 
     ``decay_t = min(decay, (1 + t) / (10 + t))`` so early averages are not dominated by the random init.
-    Non-float buffers are copied as they are. The shadow lives on the model's device (moved there at
-    the first update, since the trainer builds the EMA before Accelerate moves the model);
-    :meth:`state_dict` returns CPU tensors for checkpoints.
+    Non-float buffers and frozen parameters (``requires_grad=False`` when the EMA is built, e.g. the
+    encoder in decoder-only fine-tuning) are copied as they are, never averaged, so they stay bit-equal.
+    The shadow lives on the model's device (moved there at the first update, since the trainer builds
+    the EMA before Accelerate moves the model); :meth:`state_dict` returns CPU tensors for checkpoints.
     """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
+        self.frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         self.shadow = {k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone())
                        for k, v in model.state_dict().items()}
 
@@ -60,7 +62,7 @@ class EMA:
             s = self.shadow[k]
             if s.device != v.device:
                 s = self.shadow[k] = s.to(v.device)
-            if v.is_floating_point():
+            if v.is_floating_point() and k not in self.frozen:
                 s.mul_(d).add_(v.detach().float(), alpha=1 - d)
             else:
                 s.copy_(v)

@@ -72,6 +72,28 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         raise ValueError(f"model.kwargs do not fit {m.cls}: {e}") from e
 
 
+def init_and_freeze(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Apply ``model.init_from`` (strict load of a ``.safetensors`` file) and ``model.trainable``
+    (parameter-name prefixes that train; the rest gets ``requires_grad=False``)."""
+    m = cfg.model
+    if m.init_from:
+        from safetensors.torch import load_file
+
+        from visar.convert.common import load_state_strict
+
+        load_state_strict(model, load_file(m.init_from), source=f"model.init_from={m.init_from}")
+    if m.trainable:
+        names = [n for n, _ in model.named_parameters()]
+        for pre in m.trainable:
+            if not any(n == pre or n.startswith(pre + ".") for n in names):
+                tops = sorted({n.split(".")[0] for n in names})
+                raise ValueError(f"model.trainable prefix {pre!r} names no parameter of {type(model).__name__}; "
+                                 f"its top-level parameter groups are: {', '.join(tops)}")
+        for n, p in model.named_parameters():
+            p.requires_grad_(any(n == pre or n.startswith(pre + ".") for pre in m.trainable))
+    return model
+
+
 def build_dataset(cfg: TrainConfig) -> torch.utils.data.Dataset:
     d = cfg.data
     if d.kind == "shapes":
@@ -202,7 +224,7 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     set_seed(t.seed)  # same init on every rank
-    model = build_model(cfg)
+    model = init_and_freeze(build_model(cfg), cfg)
     tokenizer = load_frozen_tokenizer(cfg) if cfg.task == "generator" else None
     if tokenizer is not None:
         tokenizer.to(accelerator.device)
