@@ -5,7 +5,7 @@
 * VQ reconstruction PSNR (dB, images in [0, 1]) on held-out 32 px shapes (split "test") and on 32 px
   crops of scikit-image's bundled natural photos (each photo BOX-downscaled by 4, then random crops);
 * class fidelity of generated samples (bundled ShapesClassifier) at several CFG scales, balanced labels,
-  seeded; also the classifier's accuracy on held-out real shapes and on their VQ reconstructions (an
+  seeded, overall and per class; also the classifier's accuracy on held-out real shapes and on their VQ reconstructions (an
   upper bound of what the generator can reach through this tokenizer).
 Writes JSON to stdout.
 """
@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--recon-grid", default=None, help="also write a PNG of held-out shapes and their reconstructions")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from visar.data.shapes import ShapesDataset
+    from visar.data.shapes import CLASSES, ShapesDataset
     from visar.eval.classifier import class_fidelity, load_classifier
     from visar.pipeline import Pipeline
 
@@ -83,6 +83,9 @@ def main() -> None:
         t = time.perf_counter()
         imgs = torch.cat([pipe.generate(labels[i:i + 50], seed=i, cfg_scale=cfg) for i in range(0, len(labels), 50)])
         res[f"class_fidelity_cfg{cfg:g}"] = class_fidelity(imgs, labels, clf)
+        hit = clf.predict(imgs) == labels
+        res[f"class_fidelity_per_class_cfg{cfg:g}"] = {
+            name: round(float(hit[labels == c].float().mean()), 3) for c, name in enumerate(CLASSES)}
         res[f"sample_seconds_cfg{cfg:g}"] = round(time.perf_counter() - t, 2)
     if args.grid:
         from visar.utils.images import save_grid
