@@ -251,7 +251,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"config key model.init_from must name a .safetensors file (e.g. an export's "
                               f"tokenizer.safetensors), got {cfg.model.init_from!r}")
         if not Path(cfg.model.init_from).is_file():
-            raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist")
+            raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist (run the training that "
+                              "writes it first, or pass model.init_from=path/to/weights.safetensors)")
     if not all(isinstance(x, str) and x for x in cfg.model.trainable):
         raise ConfigError(f"config key model.trainable must be a list of parameter-name prefixes such as "
                           f"[decoder, post_quant_conv], got {cfg.model.trainable!r}")
