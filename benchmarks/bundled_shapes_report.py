@@ -5,8 +5,8 @@
 * VQ reconstruction PSNR (dB, images in [0, 1]) on held-out 32 px shapes (split "test") and on 32 px
   crops of scikit-image's bundled natural photos (each photo BOX-downscaled by 4, then random crops);
 * class fidelity of generated samples (bundled ShapesClassifier) at several CFG scales, balanced labels,
-  seeded, overall and per class; also the classifier's accuracy on held-out real shapes and on their VQ reconstructions (an
-  upper bound of what the generator can reach through this tokenizer).
+  seeded, overall and per class; also the classifier's accuracy on held-out real shapes and on their
+  VQ reconstructions (an upper bound of what the generator can reach through this tokenizer).
 Writes JSON to stdout.
 """
 from __future__ import annotations
