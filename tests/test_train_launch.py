@@ -26,18 +26,28 @@ def _weights(out):
     return json.loads((d / "meta.json").read_text()), load_safetensors(d / "model.safetensors")
 
 
-def test_one_and_two_processes_make_the_same_update(tmp_path):
+@pytest.mark.parametrize("frozen_body", [False, True], ids=["all", "head-only"])
+def test_one_and_two_processes_make_the_same_update(tmp_path, frozen_body):
     cfg = tmp_path / "cls.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main([str(cfg), f"train.output_dir={one}"]) == 0
-    assert main([str(cfg), "--num-processes", "2", f"train.output_dir={two}"]) == 0
+    extra = ["model.trainable=[head]"] if frozen_body else []  # DDP with frozen parameters
+    assert main([str(cfg), f"train.output_dir={one}", *extra]) == 0
+    assert main([str(cfg), "--num-processes", "2", f"train.output_dir={two}", *extra]) == 0
     (meta1, w1), (meta2, w2) = _weights(one), _weights(two)
     assert meta1["num_processes"] == 1 and meta2["num_processes"] == 2  # two processes really ran
     assert meta2["step"] == 2
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6, msg=k)
     assert (two / "export" / "classifier.safetensors").is_file()
+    if frozen_body:  # same seed, same init: the frozen body is the untouched initialisation
+        from visar.eval.classifier import ShapesClassifier
+
+        torch.manual_seed(0)  # the trainer's train.seed
+        init = ShapesClassifier(**CFG["model"]["kwargs"]).state_dict()
+        body = [k for k in w2 if k.startswith("body.") and w2[k].is_floating_point()]
+        assert body and all(torch.equal(w2[k], init[k]) for k in body)
+        assert not torch.equal(w2["head.weight"], init["head.weight"])
 
 
 def test_accelerate_command_cpu_recipe():
