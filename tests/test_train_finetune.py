@@ -78,3 +78,20 @@ def test_bad_finetune_settings_say_what_to_do(base_export, tmp_path):
     with pytest.raises(CheckpointError, match="shape mismatches"):
         train(_cfg(tmp_path / "z", **{"model.init_from": str(base_export / "tokenizer.safetensors"),
                                       "model.kwargs.codebook_size": 48}))
+
+
+def test_multiscale_quantizer_never_restarts_a_frozen_codebook():
+    from visar.tokenizers.msvq_quantizer import MultiScaleResidualQuantizer
+
+    q = MultiScaleResidualQuantizer(64, 4, [1, 2, 4], 2, 0.5, 0.25, restart_unused=1).train()
+    f = torch.randn(2, 4, 4, 4)
+    q(f)
+    q(f)  # with 64 codes and 42 token slots some codes are unused: restarts happen
+    trained = q.embedding.weight.detach().clone()
+    q(f)
+    assert not torch.equal(trained, q.embedding.weight)
+    q.embedding.weight.requires_grad_(False)
+    frozen = q.embedding.weight.detach().clone()
+    for _ in range(3):
+        q(f)
+    assert torch.equal(frozen, q.embedding.weight)

@@ -520,4 +520,5 @@ def build_head(kind: str, **kwargs) -> nn.Module:
 
 
 __all__ = ["DiffusionHead", "FlowHead", "HeadSample", "HeadNoise", "SimpleMLPAdaLN", "build_head",
-           "check_x0_clip", "check_x0_clip_for_head", "head_sample_options", "MODEL_X0_CLIP", "normal_kl", "discretized_gaussian_log_likelihood"]
+           "check_x0_clip", "check_x0_clip_for_head", "head_sample_options", "MODEL_X0_CLIP", "normal_kl",
+           "discretized_gaussian_log_likelihood"]

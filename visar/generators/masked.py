@@ -325,7 +325,8 @@ class MaskedGenerator(Generator):
 
     # ------------------------------------------------------------------ sampling
     def check_sample_args(self, num_iter: int, cfg: float, cfg_schedule: str, temperature: float,
-                          num_sampling_steps: int | None, x0_clip=MODEL_X0_CLIP) -> None:
+                          num_sampling_steps: int | None, x0_clip=MODEL_X0_CLIP) -> dict:
+        """Validate :meth:`sample`'s options; returns the extra ``head.sample`` kwargs (``x0_clip``)."""
         if not isinstance(num_iter, int) or not 1 <= num_iter <= self.seq_len:
             raise ValueError(f"num_iter must be an integer in [1, {self.seq_len}] (the number of tokens); "
                              f"got {num_iter!r}")
@@ -335,7 +336,7 @@ class MaskedGenerator(Generator):
         if num_sampling_steps is not None and (not isinstance(num_sampling_steps, int) or num_sampling_steps < 1):
             raise ValueError(f"num_sampling_steps (diffusion steps of the head) must be an integer >= 1, got "
                              f"{num_sampling_steps!r}")
-        head_sample_options(self.head, x0_clip)
+        return head_sample_options(self.head, x0_clip)
 
     @torch.no_grad()
     def sample(self, cond: Condition, generator: torch.Generator | None = None, num_iter: int = 64,
@@ -364,8 +365,7 @@ class MaskedGenerator(Generator):
         """
         if cfg_scale is not None:
             cfg = cfg_scale
-        self.check_sample_args(num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, x0_clip)
-        head_opts = head_sample_options(self.head, x0_clip)
+        head_opts = self.check_sample_args(num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, x0_clip)
         self.check_condition(cond)
         labels = cond.labels
         dev = self.fake_latent.device

@@ -72,7 +72,8 @@ class MultiScaleResidualQuantizer(nn.Module):
         phi_ratio: residual mixing ``a`` (0.5 in VAR).
         beta: commitment weight of the training loss (0.25 in VAR).
         restart_unused: training only: a code unused for this many consecutive training passes is
-            re-initialised to a random residual vector of the current batch (0 = off, as in VAR).
+            re-initialised to a random residual vector of the current batch (0 = off, as in VAR; never
+            while the codebook is frozen, ``requires_grad=False``).
             Under ``torch.distributed`` the usage is all-reduced and rank 0's codebook broadcast,
             so replicas stay identical.
     """
@@ -232,8 +233,8 @@ class MultiScaleResidualQuantizer(nn.Module):
             loss = loss + self.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_sg)
             ids.append(idx)
         f_st = (f_hat.detach() - f_sg) + f  # straight-through: value f_hat, gradient to f
-        if self.training and self.restart_unused > 0:
-            self.restart_dead_codes(ids, torch.cat(zs))
+        if self.training and self.restart_unused > 0 and self.embedding.weight.requires_grad:
+            self.restart_dead_codes(ids, torch.cat(zs))  # a frozen codebook (decoder-only fine-tuning) keeps its codes
         return f_st, loss / self.num_scales, ids
 
     @torch.no_grad()

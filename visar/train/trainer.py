@@ -77,20 +77,22 @@ def init_and_freeze(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     (parameter-name prefixes that train; the rest gets ``requires_grad=False``)."""
     m = cfg.model
     if m.init_from:
-        from safetensors.torch import load_file
-
         from visar.convert.common import load_state_strict
+        from visar.utils.io import load_safetensors
 
-        load_state_strict(model, load_file(m.init_from), source=f"model.init_from={m.init_from}")
+        load_state_strict(model, load_safetensors(m.init_from), source=f"model.init_from={m.init_from}")
     if m.trainable:
+        def under(name: str, prefix: str) -> bool:
+            return name == prefix or name.startswith(prefix + ".")
+
         names = [n for n, _ in model.named_parameters()]
         for pre in m.trainable:
-            if not any(n == pre or n.startswith(pre + ".") for n in names):
+            if not any(under(n, pre) for n in names):
                 tops = sorted({n.split(".")[0] for n in names})
                 raise ValueError(f"model.trainable prefix {pre!r} names no parameter of {type(model).__name__}; "
                                  f"its top-level parameter groups are: {', '.join(tops)}")
         for n, p in model.named_parameters():
-            p.requires_grad_(any(n == pre or n.startswith(pre + ".") for pre in m.trainable))
+            p.requires_grad_(any(under(n, pre) for pre in m.trainable))
     return model
 
 
