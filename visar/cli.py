@@ -1,4 +1,4 @@
-"""The ``visar`` command line: ``visar sample | convert | train | eval | models``.
+"""The ``visar`` command line: ``visar sample | convert | tokenize | train | eval | models``.
 
 Thin: every sub-command parses arguments and calls library functions. Heavy imports happen inside
 the handlers, so ``visar --help`` is fast.
@@ -120,6 +120,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Pre-tokenize a dataset into a token cache (``data.kind: token_cache`` of a generator config)."""
+    import torch
+
+    from visar.data.token_cache import build_token_cache
+    from visar.tokenizers.base import Tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data == "folder" and not args.path:
+        raise ValueError("--data folder needs --path IMAGE_FOLDER (one sub-folder per class)")
+    if args.data == "shapes" and args.path:
+        raise ValueError("--path is for --data folder; shapes are rendered (use --cache for a memo file)")
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer, args.name).to(args.device).eval()
+    if args.data == "shapes":
+        from visar.data.shapes import ShapesDataset
+
+        dataset = ShapesDataset(size=args.size, length=args.length, split=args.split, seed=args.seed,
+                                cache=args.cache)
+    else:
+        from visar.data.folder import ImageFolderDataset
+
+        dataset = ImageFolderDataset(args.path, size=args.size)
+    out = build_token_cache(tokenizer, dataset, args.out, batch_size=args.batch_size, flip=args.flip,
+                            device=args.device, progress=not args.quiet)
+    print(f"token cache of {len(dataset)} images{' (+ mirror images)' if args.flip else ''}: {out}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from visar import zoo
 
@@ -168,6 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer loader override (JSON values)")
     c.add_argument("--out", required=True, help="output pipeline folder")
     c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("tokenize", help="pre-tokenize a dataset once into a token cache for generator training")
+    t.add_argument("--tokenizer", required=True, help="folder holding NAME.json + NAME.safetensors")
+    t.add_argument("--name", default="tokenizer", help="file stem of the tokenizer in that folder")
+    t.add_argument("--data", choices=["shapes", "folder"], default="folder")
+    t.add_argument("--path", default=None, help="--data folder: image folder with one sub-folder per class")
+    t.add_argument("--size", type=int, default=256, help="image side (ADM centre crop for folders)")
+    t.add_argument("--length", type=int, default=50_000, help="--data shapes: number of items")
+    t.add_argument("--split", default="train", help="--data shapes: train | test")
+    t.add_argument("--seed", type=int, default=0, help="--data shapes: dataset seed")
+    t.add_argument("--cache", default=None, help="--data shapes: .npy memo of the rendered images")
+    t.add_argument("--flip", action="store_true", help="also store the tokens of every mirror image")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--out", required=True, help="output folder (shards + index.json; an interrupted build resumes)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_tokenize)
 
     m = sub.add_parser("models", help="list presets and bundled models")
     m.add_argument("pattern", nargs="?", default="*")
