@@ -126,6 +126,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
     from visar.data.token_cache import build_token_cache
     from visar.tokenizers.base import Tokenizer
+    from visar.train.config import DataConfig
+    from visar.train.trainer import build_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,15 +136,9 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     if args.data == "shapes" and args.path:
         raise ValueError("--path is for --data folder; shapes are rendered (use --cache for a memo file)")
     tokenizer = Tokenizer.from_pretrained(args.tokenizer, args.name).to(args.device).eval()
-    if args.data == "shapes":
-        from visar.data.shapes import ShapesDataset
-
-        dataset = ShapesDataset(size=args.size, length=args.length, split=args.split, seed=args.seed,
-                                cache=args.cache)
-    else:
-        from visar.data.folder import ImageFolderDataset
-
-        dataset = ImageFolderDataset(args.path, size=args.size)
+    # the trainer's own builder; mirror images are added by build_token_cache (flip), not by the dataset
+    dataset = build_dataset(DataConfig(kind=args.data, size=args.size, length=args.length, split=args.split,
+                                       seed=args.seed, path=args.path, flip=False, cache=args.cache or ""))
     out = build_token_cache(tokenizer, dataset, args.out, batch_size=args.batch_size, flip=args.flip,
                             device=args.device, progress=not args.quiet)
     print(f"token cache of {len(dataset)} images{' (+ mirror images)' if args.flip else ''}: {out}")

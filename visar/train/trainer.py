@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from visar.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from visar.train.config import TrainConfig
+from visar.train.config import DataConfig, TrainConfig
 from visar.train.optim import EMA, lr_at, param_groups
 from visar.train.tasks import make_task
 
@@ -96,8 +96,8 @@ def init_and_freeze(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def build_dataset(cfg: TrainConfig) -> torch.utils.data.Dataset:
-    d = cfg.data
+def build_dataset(d: DataConfig) -> torch.utils.data.Dataset:
+    """The dataset a ``data:`` section describes (also used by ``visar tokenize``)."""
     if d.kind == "shapes":
         from visar.data.shapes import ShapesDataset
 
@@ -234,7 +234,7 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
             model.attach_tokenizer(tokenizer)
     task = make_task(cfg.task, model, tokenizer)
     with accelerator.main_process_first():  # rank 0 renders a data cache, the others then read it
-        dataset = build_dataset(cfg)
+        dataset = build_dataset(cfg.data)
     if tokenizer is not None and hasattr(dataset, "check_tokenizer"):
         dataset.check_tokenizer(tokenizer)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
