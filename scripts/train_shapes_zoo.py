@@ -1,6 +1,6 @@
 """Train several shapes configs side by side on one machine within a wall-clock budget.
 
-    python scripts/train_shapes_zoo.py --budget-s 240 configs/shapes_gpt.yaml configs/var_shapes_generator.yaml ...
+    python scripts/train_shapes_zoo.py --budget-s 240 configs/shapes_vq.yaml configs/var_shapes_tokenizer.yaml ...
 
 Used to produce the shapes demo models of every family on one GPU (see docs/training.md). Steps:
 
