@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -70,19 +69,18 @@ def main() -> None:
     from visar.data.token_cache import TokenCacheDataset
     from visar.eval.classifier import class_fidelity
     from visar.generators.base import Condition
+    from visar.train.optim import lr_at
     from tqdm import tqdm
 
     pipe = visar.load(args.pipeline)
     tok, gen = pipe.tokenizer.eval(), pipe.generator.eval()
-    grid = getattr(gen, "grid_size", None)
+    if not hasattr(gen, "grid_size"):
+        raise SystemExit(f"{type(gen).__name__} has no single token grid: the probe is for next-token VQ pipelines")
     ds = TokenCacheDataset(args.cache)
-    ids = torch.stack([ds[i]["tokens"] for i in range(len(ds))]).long()
-    labels = torch.tensor([int(ds[i]["label"]) for i in range(len(ds))])
-    side = int(math.isqrt(ids[0].numel()))
-    if grid is not None and side != grid:
-        raise SystemExit(f"token cache has {side}x{side} tokens but the generator's grid is {grid}x{grid}: "
-                         "build the cache with this pipeline's tokenizer")
-    ids = ids.reshape(len(ids), side, side)
+    ds.check_tokenizer(tok)  # a cache of another tokenizer is refused with the cache's own message
+    side = gen.grid_size
+    ids = ds.data["tokens"].long().reshape(len(ds), side, side)  # the cache's in-memory tensors, not per item
+    labels = ds.data["labels"].long()
     vocab, num_classes = tok.vocab_size, int(labels.max()) + 1
 
     x, y = ShapesDataset(size=32, length=2000, split="test").render(range(2000))
@@ -95,7 +93,7 @@ def main() -> None:
     t0 = time.time()
     for s in tqdm(range(args.steps), desc="probe", file=sys.stderr):
         for group in opt.param_groups:
-            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * s / args.steps))
+            group["lr"] = lr_at(s, args.lr, warmup=0, total=args.steps, min_ratio=0.0)
         i = torch.randint(0, len(ids), (args.batch_size,), generator=g)
         loss = F.cross_entropy(probe(ids[i]), labels[i])
         opt.zero_grad()
