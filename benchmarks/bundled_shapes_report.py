@@ -1,11 +1,13 @@
 """Figures of the bundled default model (docs/training.md): tokenizer PSNR and sample class fidelity.
 
     python benchmarks/bundled_shapes_report.py [--pipeline visar/assets/shapes-llamagen] [--samples 200]
+        [--cfg 1.0,1.5,2.0,3.0] [--batch 50] [--seed-offset 0] [--option top_k=20 ...]
 
 * VQ reconstruction PSNR (dB, images in [0, 1]) on held-out 32 px shapes (split "test") and on 32 px
   crops of scikit-image's bundled natural photos (each photo BOX-downscaled by 4, then random crops);
 * class fidelity of generated samples (bundled ShapesClassifier) at several CFG scales, balanced labels,
-  seeded, overall and per class; also the classifier's accuracy on held-out real shapes and on their
+  seeded (batch ``i`` of ``--batch`` images uses seed ``--seed-offset + i * --batch``), overall and per
+  class, with extra sampling options (``--option KEY=VALUE``, JSON values) on top of each CFG; also the classifier's accuracy on held-out real shapes and on their
   VQ reconstructions (an upper bound of what the generator can reach through this tokenizer).
 Writes JSON to stdout.
 """
@@ -20,6 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from visar.eval.cli import _key_value  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "cat")
 
@@ -52,11 +56,18 @@ def main() -> None:
     p.add_argument("--pipeline", default="visar/assets/shapes-llamagen")
     p.add_argument("--samples", type=int, default=200, help="generated images per CFG scale (balanced labels)")
     p.add_argument("--cfg", default="1.0,1.5,2.0,3.0")
+    p.add_argument("--batch", type=int, default=50, help="images per generate() call (each call has its own seed)")
+    p.add_argument("--seed-offset", type=int, default=0, help="seed of the first batch (then + batch per batch)")
+    p.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra sampling option for every CFG, e.g. top_k=20 (repeatable; JSON values)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--classifier", default=None, help="classifier folder (default: the bundled one)")
     p.add_argument("--grid", default=None, help="also write a PNG: one row per class, 8 samples, first --cfg value")
     p.add_argument("--recon-grid", default=None, help="also write a PNG of held-out shapes and their reconstructions")
     args = p.parse_args()
+    if args.batch < 1 or args.samples < 0:
+        p.error("--batch must be >= 1 and --samples >= 0")
+    options = dict(args.option)
     torch.set_num_threads(args.threads)
     from visar.data.shapes import CLASSES, ShapesDataset
     from visar.eval.classifier import class_fidelity, load_classifier
@@ -79,9 +90,13 @@ def main() -> None:
     res["num_photo_crops"] = len(photos)
     res["classifier_acc_heldout_real"] = class_fidelity(x, y, clf)
     labels = torch.arange(args.samples) % gen.num_classes
+    res["sampling"] = {"samples": args.samples, "batch": args.batch, "seed_offset": args.seed_offset,
+                       "options": options}
+    b = args.batch
     for cfg in [float(c) for c in args.cfg.split(",")]:
         t = time.perf_counter()
-        imgs = torch.cat([pipe.generate(labels[i:i + 50], seed=i, cfg_scale=cfg) for i in range(0, len(labels), 50)])
+        imgs = torch.cat([pipe.generate(labels[i:i + b], seed=args.seed_offset + i, **{**options, "cfg_scale": cfg})
+                          for i in range(0, len(labels), b)])
         res[f"class_fidelity_cfg{cfg:g}"] = class_fidelity(imgs, labels, clf)
         hit = clf.predict(imgs) == labels
         res[f"class_fidelity_per_class_cfg{cfg:g}"] = {
@@ -92,7 +107,7 @@ def main() -> None:
 
         cfg = float(args.cfg.split(",")[0])
         grid_labels = torch.arange(gen.num_classes).repeat_interleave(8)
-        save_grid(pipe.generate(grid_labels, seed=0, cfg_scale=cfg), args.grid, nrow=8)
+        save_grid(pipe.generate(grid_labels, seed=0, **{**options, "cfg_scale": cfg}), args.grid, nrow=8)
     if args.recon_grid:
         from visar.utils.images import save_grid
 
