@@ -1,6 +1,6 @@
 """How much class information the discrete tokens carry, for real images and for a generator's samples.
 
-    python benchmarks/token_class_probe.py --cache runs/cache/shapes32_s1_tokens \
+    python benchmarks/token_class_probe.py --cache runs/cache/shapes32_s1_tokens_v2 \
         [--pipeline visar/assets/shapes-llamagen] [--steps 4000] [--samples 1000] [--cfg 2.0,3.0]
 
 A *token probe* (embedding + three 3x3 convolutions over the token grid + linear; a few hundred
