@@ -7,8 +7,9 @@
   crops of scikit-image's bundled natural photos (each photo BOX-downscaled by 4, then random crops);
 * class fidelity of generated samples (bundled ShapesClassifier) at several CFG scales, balanced labels,
   seeded (batch ``i`` of ``--batch`` images uses seed ``--seed-offset + i * --batch``), overall and per
-  class, with extra sampling options (``--option KEY=VALUE``, JSON values) on top of each CFG; also the classifier's accuracy on held-out real shapes and on their
-  VQ reconstructions (an upper bound of what the generator can reach through this tokenizer).
+  class, with extra sampling options (``--option KEY=VALUE``, JSON values) on top of each CFG; also the
+  classifier's accuracy on held-out real shapes and on their VQ reconstructions (an upper bound of what
+  the generator can reach through this tokenizer).
 Writes JSON to stdout.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from visar.eval.cli import _key_value  # noqa: E402
+from visar.eval.cli import key_value_option  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "cat")
 
@@ -58,7 +59,7 @@ def main() -> None:
     p.add_argument("--cfg", default="1.0,1.5,2.0,3.0")
     p.add_argument("--batch", type=int, default=50, help="images per generate() call (each call has its own seed)")
     p.add_argument("--seed-offset", type=int, default=0, help="seed of the first batch (then + batch per batch)")
-    p.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
                    help="extra sampling option for every CFG, e.g. top_k=20 (repeatable; JSON values)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--classifier", default=None, help="classifier folder (default: the bundled one)")

@@ -34,7 +34,9 @@ def _parse_value(text: str):
         return text
 
 
-def _key_value(text: str) -> tuple[str, object]:
+def key_value_option(text: str) -> tuple[str, object]:
+    """argparse ``type`` for ``--option KEY=VALUE``: ``(key, value)`` with ``-`` in the key read as ``_`` and
+    the value parsed as JSON when it is JSON (``20`` -> int, ``true`` -> bool), else kept as a string."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE (e.g. cfg_schedule=linear), got {text!r}")
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
     s.add_argument("--num-steps", type=int)
-    s.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    s.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
                    help="any other sampling option of the generator (value parsed as JSON, else a string)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=32, help="images per generate call (fixes the seeds)")
