@@ -108,13 +108,17 @@ def test_var_sampler_parity(fixtures, name, run):
     if run == "randlabel":
         assert torch.equal(record["labels"], ref["sample.randlabel.labels_drawn"])
     _close(f_hat, ref[f"sample.{run}.fhat_final"])
+    # CFG logits are (1 + t) * cond - t * uncond with t <= cfg_scale, so a raw-logit error e can become
+    # (1 + 2 t) e after guidance: the README's logit tolerance applies to raw logits, scaled by that factor
+    # for guided ones (float32 kernels differ across CPUs; one entry of p4/smooth is 1.7e-4 off on some).
+    amplify = {"raw_logits": 1.0, "cfg_logits": 1 + 2 * opts["cfg_scale"], "filtered_logits": 1 + 2 * opts["cfg_scale"]}
     for key in ("raw_logits", "cfg_logits", "filtered_logits"):
         for k, got in enumerate(record[key]):
             want = ref.get(f"sample.{run}.{key}.{k}")
             if want is not None:
                 fin = torch.isfinite(want)
                 assert torch.equal(fin, torch.isfinite(got)), f"{key}.{k}: different entries filtered"
-                _close(got[fin], want[fin], rtol=1e-4)
+                _close(got[fin], want[fin], atol=1e-4 * amplify[key], rtol=1e-4)
     if f"sample.{run}.image01" in ref:
         with torch.no_grad():
             img = (tok.decode_fhat(f_hat) + 1) / 2 if run == "smooth" else (tok.decode(tokens) + 1) / 2
