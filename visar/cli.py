@@ -92,28 +92,13 @@ def _call(spec: str, *args, **kwargs):
     return getattr(importlib.import_module(module), fn)(*args, **kwargs)
 
 
-def _overrides(items: list[str]) -> dict:
-    import json
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     """Official tokenizer + generator files -> a visar pipeline folder (safetensors + JSON)."""
     from visar.pipeline import Pipeline
 
     tok_spec, gen_spec = CONVERTERS[args.family]
-    tokenizer = _call(tok_spec, args.tokenizer, **_overrides(args.tokenizer_set))
-    generator = _call(gen_spec, args.generator, **_overrides(args.set))
+    tokenizer = _call(tok_spec, args.tokenizer, **dict(args.tokenizer_set))
+    generator = _call(gen_spec, args.generator, **dict(args.set))
     Pipeline(tokenizer, generator).save_pretrained(args.out)
     log.info("wrote %s pipeline to %s (load it with visar.load(%r) or visar sample --model %s)",
              args.family, args.out, str(args.out), args.out)
@@ -160,6 +145,8 @@ def _forward(module: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from visar.eval.cli import key_value_option  # the one KEY=VALUE (JSON value) parser of every CLI
+
     p = argparse.ArgumentParser(prog="visar", description="Visual autoregressive image generation")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("family", choices=sorted(CONVERTERS))
     c.add_argument("--tokenizer", required=True, help="official tokenizer file (VQ / VQVAE / kl16.ckpt or VAE folder)")
     c.add_argument("--generator", required=True, help="official generator file")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    c.add_argument("--set", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
                    help="generator loader override, e.g. grid_size=24 or num_heads=2 (JSON values)")
-    c.add_argument("--tokenizer-set", action="append", default=[], metavar="KEY=VALUE",
+    c.add_argument("--tokenizer-set", type=key_value_option, action="append", default=[],
+                   metavar="KEY=VALUE",
                    help="tokenizer loader override (JSON values)")
     c.add_argument("--out", required=True, help="output pipeline folder")
     c.set_defaults(func=cmd_convert)

@@ -35,11 +35,12 @@ def _parse_value(text: str):
 
 
 def key_value_option(text: str) -> tuple[str, object]:
-    """argparse ``type`` for ``--option KEY=VALUE``: ``(key, value)`` with ``-`` in the key read as ``_`` and
-    the value parsed as JSON when it is JSON (``20`` -> int, ``true`` -> bool), else kept as a string."""
+    """argparse ``type`` for ``KEY=VALUE`` flags (``--option``, ``visar convert --set``): ``(key, value)``
+    with ``-`` in the key read as ``_`` and the value parsed as JSON when it is JSON (``20`` -> int,
+    ``true`` -> bool), else kept as a string."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE (e.g. cfg_schedule=linear), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. top_k=20), got {text!r}")
     return key.strip().replace("-", "_"), _parse_value(value)
 
 
