@@ -48,6 +48,10 @@ class ModelConfig:
     #: parameter-name prefixes that train (e.g. ``[decoder, post_quant_conv]``: decoder-only fine-tuning
     #: of a VQ, which keeps its tokens); every other parameter is frozen. Empty: everything trains.
     trainable: list = field(default_factory=list)
+    #: grow a trained model deeper (:mod:`visar.train.grow`): ``{blocks: trunk.blocks, zero:
+    #: [attn.proj.weight, mlp.w2.weight]}`` loads ``init_from`` (fewer blocks) into this model with
+    #: function-preserving new blocks; empty: ``init_from`` must match the model exactly
+    init_deepen: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -253,6 +257,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not Path(cfg.model.init_from).is_file():
             raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist (run the training that "
                               "writes it first, or pass model.init_from=path/to/weights.safetensors)")
+    deepen = cfg.model.init_deepen
+    if deepen:
+        if not cfg.model.init_from:
+            raise ConfigError("config key model.init_deepen needs model.init_from (the shallower model's weights)")
+        if set(deepen) != {"blocks", "zero"} or not isinstance(deepen["blocks"], str) or not (
+                isinstance(deepen["zero"], list) and deepen["zero"] and all(isinstance(z, str) for z in deepen["zero"])):
+            raise ConfigError("config key model.init_deepen must be {blocks: <dotted block list, e.g. trunk.blocks>, "
+                              f"zero: [<block parameter suffixes, e.g. attn.proj.weight>]}}, got {deepen!r}")
     if not all(isinstance(x, str) and x for x in cfg.model.trainable):
         raise ConfigError(f"config key model.trainable must be a list of parameter-name prefixes such as "
                           f"[decoder, post_quant_conv], got {cfg.model.trainable!r}")

@@ -73,14 +73,22 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 
 def init_and_freeze(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Apply ``model.init_from`` (strict load of a ``.safetensors`` file) and ``model.trainable``
+    """Apply ``model.init_from`` (strict load of a ``.safetensors`` file; with ``model.init_deepen``,
+    of a shallower model grown by :func:`visar.train.grow.deepen_state`) and ``model.trainable``
     (parameter-name prefixes that train; the rest gets ``requires_grad=False``)."""
     m = cfg.model
     if m.init_from:
         from visar.convert.common import load_state_strict
         from visar.utils.io import load_safetensors
 
-        load_state_strict(model, load_safetensors(m.init_from), source=f"model.init_from={m.init_from}")
+        state = load_safetensors(m.init_from)
+        if m.init_deepen:
+            from visar.train.grow import block_depth, deepen_state
+
+            blocks = m.init_deepen["blocks"]
+            depth = block_depth(model.state_dict(), blocks)
+            state = deepen_state(state, depth, blocks, list(m.init_deepen["zero"]))
+        load_state_strict(model, state, source=f"model.init_from={m.init_from}")
     if m.trainable:
         def under(name: str, prefix: str) -> bool:
             return name == prefix or name.startswith(prefix + ".")
