@@ -35,7 +35,9 @@ def test_report_two_models(tmp_path):
         torch.set_num_threads(threads)
     a, b = report["models"]
     assert (a["name"], b["name"]) == ("a", "b")
-    assert a["sampling_options"]["cfg_scale"] == 2.0 and a["stored_defaults"] == {"cfg_scale": 2.0}
+    stored = json.loads((ROOT / "visar" / "assets" / "shapes-llamagen" / "pipeline.json").read_text())
+    assert a["stored_defaults"] == stored["sampling_defaults"] and a["stored_defaults"]["cfg_scale"] > 1.0
+    assert a["sampling_options"]["cfg_scale"] == stored["sampling_defaults"]["cfg_scale"]
     assert b["sampling_options"]["cfg_scale"] == 1.0 and b["overrides"] == {"cfg_scale": 1.0}
     for r in (a, b):
         assert r["num_samples"] == 10 and r["image_size"] == 32
