@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -97,6 +98,18 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
         raise CheckpointError("\n".join(lines))
     cast = {k: v.to(dtype=own[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(cast, strict=True)
+
+
+def block_indices(state: Mapping[str, torch.Tensor], prefix: str) -> set[int]:
+    """Indices ``N`` of the ``{prefix}.N.*`` keys in ``state`` (``prefix`` e.g. ``trunk.blocks``)."""
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    return {int(m.group(1)) for k in state if (m := pat.match(k))}
+
+
+def count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of ``{prefix}.N.`` blocks in ``state`` (highest index + 1; 0 if none)."""
+    idx = block_indices(state, prefix)
+    return max(idx) + 1 if idx else 0
 
 
 def rename_keys(state: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:

@@ -12,12 +12,11 @@ Linear in the small-model block) -> ``ada_lin.1``. Everything else keeps its nam
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
-from visar.convert.common import (CheckpointError, load_state_strict, read_checkpoint, rename_keys, require_keys,
-                                  unwrap_state_dict)
+from visar.convert.common import (CheckpointError, count_blocks, load_state_strict, read_checkpoint, rename_keys,
+                                  require_keys, unwrap_state_dict)
 from visar.nn.adaln_block import swiglu_hidden
 from visar.nn.rope import rope_frequencies
 
@@ -25,12 +24,6 @@ from visar.nn.rope import rope_frequencies
 SWIGLU_RULES = [(r"\.mlp\.fc1_g\.", ".mlp.w1."), (r"\.mlp\.fc1_x\.", ".mlp.w3."), (r"\.mlp\.fc2\.", ".mlp.w2.")]
 MARKERS = ["z_proj.weight", "encoder_blocks.0.ada_lin.1.weight", "flownet.input_proj.weight",
            "diffusion_pos_embed_learned"]
-
-
-def count_blocks(state: dict, prefix: str) -> int:
-    """Number of ``prefix.N.`` blocks in ``state``."""
-    idx = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
-    return max(idx) + 1 if idx else 0
 
 
 def check_rope_freqs(state: dict, head_dims: dict[str, int], path: str) -> list[str]:

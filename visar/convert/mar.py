@@ -15,14 +15,13 @@ import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from visar.convert.common import (CheckpointError, load_state_strict, read_checkpoint, require_keys,
-                                  unwrap_state_dict)
+from visar.convert.common import (CheckpointError, block_indices, count_blocks, load_state_strict, read_checkpoint,
+                                  require_keys, unwrap_state_dict)
 
 log = logging.getLogger("visar")
 
@@ -33,11 +32,11 @@ _VAE_MARKERS = ("encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv
 def kl_config_from_ldm_state(state: Mapping[str, torch.Tensor], sample_size: int = 256,
                              scaling_factor: float = 0.2325) -> dict:
     """``diffusers.AutoencoderKL`` config of an LDM-named KL autoencoder state dict (MAR's kl16 layout)."""
-    levels = sorted({int(m.group(1)) for k in state for m in [re.match(r"encoder\.down\.(\d+)\.", k)] if m})
+    levels = sorted(block_indices(state, "encoder.down"))
     if not levels:
         raise CheckpointError("cannot detect the VAE levels: no encoder.down.{i}.* keys")
     widths = [int(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in levels]
-    blocks = len({m.group(1) for k in state for m in [re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)] if m})
+    blocks = len(block_indices(state, "encoder.down.0.block"))
     # MAR's topology rule: the encoder's deepest level always carries attention (attn_resolutions=(16,) at
     # 256 px). It is not detected from the keys, so a file that lost it (as diffusers' single-file
     # converter loses it) fails strict loading instead of silently building a model without it.
@@ -143,9 +142,6 @@ def mar_config_from_state(state: Mapping[str, torch.Tensor], vae_stride: int = 1
     shapes; the number of attention heads is taken from the released models (768 -> 12, 1024/1280 -> 16)
     and must be passed (``encoder_num_heads=``, ``decoder_num_heads=``) for other widths.
     """
-    def count(prefix: str) -> int:
-        return len({m.group(1) for k in state for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m})
-
     enc_w = int(state["z_proj.weight"].shape[0])
     dec_w = int(state["decoder_embed.weight"].shape[0])
     token_dim = int(state["z_proj.weight"].shape[1])
@@ -157,14 +153,14 @@ def mar_config_from_state(state: Mapping[str, torch.Tensor], vae_stride: int = 1
     grid = int(round(math.sqrt(seq_len)))
     cfg = {
         "img_size": grid * patch * vae_stride, "vae_stride": vae_stride, "patch_size": patch,
-        "encoder_embed_dim": enc_w, "encoder_depth": count("encoder_blocks."),
+        "encoder_embed_dim": enc_w, "encoder_depth": count_blocks(state, "encoder_blocks"),
         "encoder_num_heads": _HEADS_BY_WIDTH.get(enc_w),
-        "decoder_embed_dim": dec_w, "decoder_depth": count("decoder_blocks."),
+        "decoder_embed_dim": dec_w, "decoder_depth": count_blocks(state, "decoder_blocks"),
         "decoder_num_heads": _HEADS_BY_WIDTH.get(dec_w),
         "mlp_ratio": float(state["encoder_blocks.0.mlp.fc1.weight"].shape[0]) / enc_w,
         "vae_embed_dim": vae_embed_dim, "class_num": int(state["class_emb.weight"].shape[0]),
         "buffer_size": int(state["encoder_pos_embed_learned"].shape[1]) - seq_len,
-        "diffloss_d": count("diffloss.net.res_blocks."),
+        "diffloss_d": count_blocks(state, "diffloss.net.res_blocks"),
         "diffloss_w": int(state["diffloss.net.input_proj.weight"].shape[0]), "num_sampling_steps": 100,
     }
     cfg.update(overrides)

@@ -17,7 +17,8 @@ import torch
 
 from visar.convert.common import (CheckpointError, load_state_strict, read_checkpoint, rename_keys, require_keys,
                                   unwrap_state_dict)
-from visar.convert.flowar import SWIGLU_RULES, check_mask, check_rope_freqs, count_blocks
+from visar.convert.common import count_blocks
+from visar.convert.flowar import SWIGLU_RULES, check_mask, check_rope_freqs
 from visar.nn.adaln_block import swiglu_hidden
 
 MARKERS = ["z_proj.weight", "time_embed.mlp.0.weight", "encoder_blocks.0.ada_lin.1.weight", "pred.weight"]

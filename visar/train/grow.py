@@ -13,7 +13,6 @@ after old blocks 1, 3 and 5.
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import torch
@@ -21,8 +20,9 @@ import torch
 
 def block_depth(state: Mapping[str, torch.Tensor], blocks: str) -> int:
     """Number of blocks ``{blocks}.{i}.*`` in ``state`` (indices must run 0..n-1)."""
-    pat = re.compile(re.escape(blocks) + r"\.(\d+)\.")
-    idx = {int(m.group(1)) for k in state if (m := pat.match(k))}
+    from visar.convert.common import block_indices
+
+    idx = block_indices(state, blocks)
     if not idx:
         raise ValueError(f"no parameters named {blocks}.<i>.* in the weights; model.init_deepen.blocks must be "
                          "the dotted name of the model's list of residual blocks (e.g. trunk.blocks)")
