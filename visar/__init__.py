@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
         return Pipeline
     if name == "Condition":
-        from visar.generators.base import Condition
+        from visar.conditions import Condition
 
         return Condition
     if name in ("load", "list_models"):

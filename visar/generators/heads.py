@@ -42,7 +42,7 @@ from torch import nn
 from visar.generators.diffusion_schedule import get_schedule
 from visar.nn.adaln import modulate
 from visar.nn.embeddings import TimestepEmbedding
-from visar.samplers.logits import cfg_mix
+from visar.nn.guidance import cfg_mix
 
 
 @dataclass

@@ -36,7 +36,7 @@ from visar.nn.rope import grid_positions, rope_2d_angles, rope_tables
 from visar.utils.config import register_config
 from visar.utils.validation import check_labels
 from visar.zoo import Preset
-from visar.samplers.logits import cfg_mix
+from visar.nn.guidance import cfg_mix
 
 
 def euler_time_grid(num_steps: int) -> torch.Tensor:

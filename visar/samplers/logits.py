@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """``uncond + (cond - uncond) * scale`` (LlamaGen's form; VAR's ``(1+t) c - t u`` is ``scale = 1 + t``)."""
-    return uncond + (cond - uncond) * scale
+from visar.nn.guidance import cfg_mix  # noqa: F401  (re-exported: guidance mixing lives below the generators)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from visar.generators.base import Condition
+from visar.conditions import Condition
 from visar.samplers.logits import check_finite, top_k_filter, top_p_filter_ascending
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visar.generators.base import Condition
+from visar.conditions import Condition
 
 
 def _as_loss_dict(out: Any, where: str) -> dict[str, torch.Tensor]:

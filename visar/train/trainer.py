@@ -424,7 +424,7 @@ def write_samples(cfg: TrainConfig, model: nn.Module, ema: EMA, tokenizer, datas
     device = next(m.parameters()).device
     s = cfg.sample
     if cfg.task == "generator":
-        from visar.generators.base import Condition
+        from visar.conditions import Condition
 
         labels = torch.tensor([c for c in s.labels for _ in range(s.per_label)], device=device)
         g = torch.Generator(device).manual_seed(s.seed)

@@ -1,0 +1,168 @@
+"""The step protocol: what a generator exposes so that samplers (which own the loops) can drive it.
+
+Every AR family implements one of the protocols below; a sampler checks the protocol it needs with
+``isinstance(model, Protocol)`` and never touches a family's private names. The *unit* of a step
+differs by paradigm (a token, a masked set, a scale, an entity), the shape of the contract does not:
+
+* ``start(cond, guided) -> state`` allocates what a sample needs (static KV caches of both CFG
+  halves). Rows are ``[cond; null]`` (``R = 2B``) when ``guided`` and ``R = B`` otherwise.
+* ``step(state, inputs, ...)`` consumes new inputs and returns what the family emits: logits
+  (discrete tokens) or conditioning vectors ``z`` for a token head (continuous tokens), for all
+  ``R`` rows. Guidance, temperature, filtering and drawing are the sampler's job.
+* next-token states hold **per-row** lengths ``[R]``: rows may sit at different positions, and
+  ``rewind`` only lowers lengths (nothing is copied; stale cache entries are masked, then overwritten).
+
+Token heads (:class:`TokenHead`) expose one denoising step; the chain is driven by
+:mod:`visar.samplers.heads`, so speculative samplers can share noise and stop before the last step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from visar.conditions import Condition
+
+
+@dataclass
+class StepState:
+    """What every decoding state carries.
+
+    Attributes:
+        batch: ``B``, the number of images.
+        guided: rows are ``[cond; null]`` (``R = 2B``) for classifier-free guidance, else ``R = B``.
+    """
+
+    batch: int
+    guided: bool
+
+    @property
+    def rows(self) -> int:
+        """``R``: ``2B`` when guided, else ``B``."""
+        return 2 * self.batch if self.guided else self.batch
+
+
+@runtime_checkable
+class NextTokenModel(Protocol):
+    """Raster-order next-token models (LlamaGen; the causal continuous model; CTF's coarse stage).
+
+    Attributes:
+        num_tokens: ``L`` image tokens.
+        emits: ``"logits"`` (``[.., V]`` raw float32 logits, discrete tokens) or ``"condition"``
+            (``[.., D]`` conditioning of a :class:`TokenHead`, continuous tokens).
+    """
+
+    num_tokens: int
+    emits: ClassVar[str]
+
+    def start(self, cond: Condition, guided: bool = False) -> tuple[Any, torch.Tensor]:
+        """Allocate the static cache and prefill the condition.
+
+        Returns ``(state, first)``: ``first [R, V or D]`` predicts image token 0 for every row;
+        ``state.lengths [R]`` counts committed image tokens per row (0 here).
+        """
+
+    def step(self, state: Any, inputs: torch.Tensor, pos: torch.Tensor | int) -> torch.Tensor:
+        """Feed ``inputs`` (``LongTensor [B or R, n]`` ids, or ``[B or R, n, C]`` continuous tokens; ``B``
+        rows are fed to both halves) at per-row image positions ``pos`` (int, ``[B]`` or ``[R]``, each at
+        most the row's committed length; a smaller one rolls the row back). Returns ``[R, n, V or D]``:
+        entry ``j`` predicts image token ``pos + j + 1``; committed lengths become ``pos + n``."""
+
+    def rewind(self, state: Any, n: int | torch.Tensor) -> None:
+        """Forget the last ``n`` committed tokens (int or per-row ``[R]``): lengths only go down."""
+
+
+@runtime_checkable
+class TokenHead(Protocol):
+    """A per-token denoising head (diffusion: MAR's DiffLoss; flow matching), one step at a time.
+
+    Attributes:
+        token_dim: ``C`` channels of a token; num_sampling_steps: its default step count.
+        kind: ``"diffusion"`` or ``"flow"``.
+    """
+
+    token_dim: int
+    num_sampling_steps: int
+    kind: ClassVar[str]
+
+
+@runtime_checkable
+class MaskedModel(Protocol):
+    """Masked random-order models (MAR): a step predicts ``z`` for every position from the visible set.
+
+    Attributes:
+        num_tokens: ``L``; token_dim: ``C`` per token; head: a :class:`TokenHead`.
+    """
+
+    num_tokens: int
+    token_dim: int
+    head: Any
+
+    def start(self, cond: Condition, guided: bool = False) -> Any:
+        """Condition embeddings of the ``R`` rows (a :class:`StepState`)."""
+
+    def step(self, state: Any, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, L, C]`` with ``mask [B, L]`` (True = still unknown) -> ``z [R, L, D]``."""
+
+    def to_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, L, C]`` tokens -> the tokenizer's latents ``[B, C', h, w]``."""
+
+
+@runtime_checkable
+class NextScaleModel(Protocol):
+    """Next-scale models: VAR (discrete, emits logits) and FlowAR (continuous, emits ``z`` for a flow head).
+
+    Attributes:
+        scales: side of each scale's token map, coarse to fine; emits: ``"logits"`` or ``"condition"``.
+    """
+
+    scales: Any
+    emits: ClassVar[str]
+
+    def start(self, cond: Condition, guided: bool = False) -> Any:
+        """Static cache over all scales and the input of scale 0 (a :class:`StepState`)."""
+
+    def step(self, state: Any, k: int) -> torch.Tensor:
+        """Run scale ``k`` on ``state``'s pending input: ``[R, n_k, V or D]``."""
+
+
+@runtime_checkable
+class NextXModel(Protocol):
+    """Next-X models (xAR): entities (tokens, cells, subsamples, scales, the image) denoised one by one.
+
+    Attributes:
+        partition: the entity layout (``sizes``: tokens per entity, ``num_entities``).
+    """
+
+    partition: Any
+
+    def start(self, cond: Condition, guided: bool = False) -> Any:
+        """Static cache and labels of the ``R`` rows (a :class:`StepState`)."""
+
+    def velocity(self, state: Any, x: torch.Tensor, t: float, k: int, first: bool) -> torch.Tensor:
+        """Velocity ``[R, n_k, C]`` of entity ``k``'s noisy tokens ``x [R, n_k, C]`` at flow time ``t``
+        (``first``: the entity's first call, which also writes the previous entity into the cache)."""
+
+    def commit(self, state: Any, k: int, x: torch.Tensor) -> None:
+        """Record entity ``k``'s final tokens ``[R, n_k, C]`` (conditioning for later entities)."""
+
+
+@runtime_checkable
+class CoarseToFineModel(Protocol):
+    """Coarse-to-fine models (CTF): a next-token model over cluster labels, then fine labels in one pass.
+
+    Attributes:
+        coarse: a :class:`NextTokenModel` over cluster ids.
+    """
+
+    coarse: Any
+
+    def fine_logits(self, coarse: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fine-label scores of ``coarse [B, N]`` given class ids ``labels [B]`` (``num_classes`` = null):
+        ``(logits [B, N, K], ids)`` where ``ids [B, N, K]`` maps a column to a codeword (``None``:
+        the column is the codeword, ``K = V``); padded columns hold ``-inf``."""
+
+
+__all__ = ["StepState", "NextTokenModel", "TokenHead", "MaskedModel", "NextScaleModel", "NextXModel",
+           "CoarseToFineModel"]

@@ -1,0 +1,32 @@
+"""Classifier-free guidance mixing, one rule for every family.
+
+Guidance combines the conditional and unconditional predictions of the same quantity (logits,
+predicted noise, velocity, drift) as ``u + s (c - u)`` with scale ``s`` (Ho & Salimans 2022):
+
+* ``s == 1`` is **no guidance**: samplers then run no unconditional rows at all;
+* ``s > 1`` strengthens the condition, ``0 <= s < 1`` weakens it (``s = 0`` is unconditional).
+
+Schedules change ``s`` along the sample: a linear ramp ``1 + (s - 1) f`` over the fraction ``f`` of
+the image done (VAR per scale, FlowAR per scale, xAR per entity, MAR per masked fraction).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``uncond + (cond - uncond) * scale`` (LlamaGen's form; VAR's ``(1+t) c - t u`` is ``scale = 1 + t``)."""
+    return uncond + (cond - uncond) * scale
+
+
+def is_guided(cfg_scale: float) -> bool:
+    """Whether a scale asks for guidance (and so for unconditional rows): ``cfg_scale != 1``."""
+    return float(cfg_scale) != 1.0
+
+
+def ramp(cfg_scale: float, fraction: float) -> float:
+    """Linear schedule ``1 + (cfg_scale - 1) * fraction``, ``fraction`` in ``[0, 1]``."""
+    return 1.0 + (cfg_scale - 1.0) * fraction
+
+
+__all__ = ["cfg_mix", "is_guided", "ramp"]

@@ -1,0 +1,99 @@
+"""The Sampler interface: an object that owns one sampling loop and drives a generator's step protocol.
+
+``sampler(model, cond, generator=None, **options) -> tokens``; options given to the constructor are
+defaults, options given to the call override them for that call. After every call ``sampler.stats``
+holds what the run counted (model passes and anything sampler-specific). Option names come from the
+shared vocabulary (:mod:`visar.samplers.options`); an unknown or old name fails before any work.
+
+Samplers register themselves (``@register("sampler", name)``), so ``get_sampler("masked", num_iter=64)``,
+the Pipeline's ``sampler="..."`` and the CLI's ``--sampler`` all resolve through one table.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from visar.conditions import Condition
+from visar.registry import get, names
+from visar.samplers.options import check_common, check_option_names
+
+
+class Sampler:
+    """Base class of every sampler.
+
+    Subclasses set :attr:`name`, :attr:`protocol` (the step protocol the model must implement, from
+    :mod:`visar.generators.protocol`), :attr:`defaults` (every option it takes, with its default) and
+    implement :meth:`run`. ``validate`` may check sampler-specific options (the shared ones are checked).
+    """
+
+    name: ClassVar[str] = "?"
+    protocol: ClassVar[Any] = object
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any):
+        check_option_names(options, self.defaults, f"{type(self).__name__}")
+        self.options = dict(options)
+        check_common(self.options)
+        #: what the last call counted (filled by :meth:`run`)
+        self.stats: dict[str, Any] = {}
+
+    def check_model(self, model: Any) -> None:
+        """Raise a ``TypeError`` if ``model`` does not implement :attr:`protocol`."""
+        if not isinstance(model, self.protocol):
+            kind = getattr(self.protocol, "__name__", str(self.protocol))
+            raise TypeError(f"the {self.name!r} sampler drives {kind} generators; {type(model).__name__} is not one. "
+                            f"Use its own default sampler (sampler=None) or one of: {', '.join(names('sampler'))}")
+
+    def resolve(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Constructor options, then call options, over :attr:`defaults`; validated."""
+        check_option_names(options, self.defaults, f"{type(self).__name__}")
+        opts = {**self.defaults, **self.options, **options}
+        check_common(opts)
+        self.validate(opts)
+        return opts
+
+    def validate(self, options: dict[str, Any]) -> None:
+        """Sampler-specific checks of the merged options (shared ones are already checked)."""
+
+    def __call__(self, model: Any, cond: Condition | Any, generator: torch.Generator | None = None,
+                 **options: Any) -> Any:
+        self.check_model(model)
+        opts = self.resolve(options)
+        cond = Condition.of(cond)
+        if hasattr(model, "check_condition"):
+            model.check_condition(cond)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (for seeded draws) or None, got "
+                            f"{type(generator).__name__}")
+        self.stats = {}
+        return self.run(model, cond, generator, **opts)
+
+    def run(self, model: Any, cond: Condition, generator: torch.Generator | None, **options: Any) -> Any:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}({opts})"
+
+
+def get_sampler(sampler: "str | Sampler", **options: Any) -> Sampler:
+    """A sampler object from a registered name (built with ``options``) or a sampler given as is."""
+    if isinstance(sampler, Sampler):
+        if options:
+            raise TypeError("give options either to the sampler's constructor or to the call, not both here")
+        return sampler
+    if not isinstance(sampler, str):
+        raise TypeError(f"sampler must be a registered name or a visar Sampler, got {type(sampler).__name__}")
+    return get("sampler", sampler)(**options)
+
+
+def default_sampler(model: Any) -> Sampler:
+    """The sampler that reproduces ``model``'s official sampling (its class's ``default_sampler`` name)."""
+    name = getattr(model, "default_sampler", None)
+    if not name:
+        raise TypeError(f"{type(model).__name__} names no default sampler (class attribute default_sampler)")
+    return get("sampler", name)()
+
+
+__all__ = ["Sampler", "get_sampler", "default_sampler"]

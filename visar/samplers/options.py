@@ -1,0 +1,122 @@
+"""The sampling option vocabulary shared by every sampler, the Pipeline and the CLI.
+
+One name per knob and one meaning across families (table in ``docs/architecture.md``):
+
+============== =============================================================================
+``cfg_scale``  guidance ``u + s (c - u)``; **1 = no guidance** (no unconditional rows are run)
+``cfg_schedule`` ``"constant"`` or ``"linear"`` (ramp ``1 + (s - 1) f`` over the fraction done)
+``cfg_interval`` LlamaGen: guide tokens up to this decode step only (-1 = every token)
+``temperature`` ``> 0``; divides logits (discrete) or scales the head's noise (continuous)
+``top_k``      ``>= 0``; 0 disables
+``top_p``      in ``(0, 1]``; 1 disables
+``num_steps``  denoising / ODE / SDE steps of a token head, per token, scale or entity
+``num_iter``   masked (MAR) generation iterations
+``progress``   show a tqdm bar (by step)
+============== =============================================================================
+
+Old or family-specific spellings fail with a message naming the right one (:data:`RENAMED`).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Iterable
+
+#: options that were spelled differently before one vocabulary existed -> their name now
+RENAMED = {
+    "cfg": "cfg_scale",
+    "guidance": "cfg_scale",
+    "num_sampling_steps": "num_steps",
+    "sampling_steps": "num_steps",
+    "steps": "num_steps",
+    "topk": "top_k",
+    "topp": "top_p",
+    "temp": "temperature",
+}
+
+#: one-line meanings, for help texts and error messages
+MEANINGS = {
+    "cfg_scale": "guidance scale s in u + s (c - u); 1 disables guidance",
+    "cfg_schedule": "'constant' or 'linear' (ramp 1 + (s - 1) f over the fraction of the image done)",
+    "cfg_interval": "LlamaGen: guide decode steps <= this index only (-1: every token)",
+    "temperature": "> 0; divides logits (discrete) or scales the head noise (continuous)",
+    "top_k": "keep the k most likely tokens (0 disables)",
+    "top_p": "nucleus filter in (0, 1] (1 disables)",
+    "num_steps": "denoising / ODE / SDE steps of the token head per token, scale or entity",
+    "num_iter": "masked generation iterations (MAR)",
+    "progress": "show a progress bar",
+}
+
+
+def check_option_names(given: Iterable[str], accepted: Iterable[str], where: str) -> None:
+    """Raise a ``TypeError`` for names ``where`` does not take, naming the right spelling."""
+    accepted = set(accepted)
+    for name in given:
+        if name in accepted:
+            continue
+        if name in RENAMED and RENAMED[name] in accepted:
+            raise TypeError(f"{where}: option {name!r} is now called {RENAMED[name]!r}")
+        close = difflib.get_close_matches(name, sorted(accepted), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"{where} has no option {name!r}{hint} It takes: {', '.join(sorted(accepted))}")
+
+
+def _number(name: str, value, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_cfg_scale(value) -> float:
+    if _number("cfg_scale", value) < 0:
+        raise ValueError(f"cfg_scale must be >= 0 (1 disables guidance), got {value}")
+    return float(value)
+
+
+def check_temperature(value) -> float:
+    if _number("temperature", value) <= 0:
+        raise ValueError(f"temperature must be > 0, got {value}; use top_k=1 for greedy decoding")
+    return float(value)
+
+
+def check_top_k(value) -> int:
+    if _number("top_k", value, integer=True) < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {value}")
+    return int(value)
+
+
+def check_top_p(value) -> float:
+    if not 0 < _number("top_p", value) <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {value}")
+    return float(value)
+
+
+def check_positive_int(name: str, value, low: int = 1, high: int | None = None) -> int:
+    _number(name, value, integer=True)
+    if value < low or (high is not None and value > high):
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {rng}, got {value}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_common(options: dict) -> None:
+    """Validate the shared knobs present in ``options`` (others are the sampler's business)."""
+    checks = {"cfg_scale": check_cfg_scale, "temperature": check_temperature, "top_k": check_top_k,
+              "top_p": check_top_p, "cfg_schedule": lambda v: check_choice("cfg_schedule", v, ("constant", "linear"))}
+    for name, fn in checks.items():
+        if name in options and options[name] is not None:
+            fn(options[name])
+
+
+__all__ = ["RENAMED", "MEANINGS", "check_option_names", "check_cfg_scale", "check_temperature", "check_top_k",
+           "check_top_p", "check_positive_int", "check_choice", "check_common"]
