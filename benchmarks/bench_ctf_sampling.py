@@ -2,8 +2,9 @@
 
 CTF's AR stage predicts one of ``num_clusters`` coarse labels instead of one of ``vocab_size``
 codewords (a smaller logits head and smaller softmax/top-k per step), then adds one auxiliary pass.
-This measures both pipelines' ``sample`` end to end, alternating A and B in one process, and reports
-the median time of each and the median B/A ratio over ``--runs`` runs.
+This measures both families' default samplers end to end (``AutoregressiveSampler`` and
+``CoarseToFineSampler``), alternating A and B in one process, and reports the median time of each, the
+median B/A ratio over ``--runs`` runs and the model passes each sampler counted (``sampler.stats``).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_ctf_sampling.py --dim 256 --depth 4 --aux-depth 4
 """
@@ -21,6 +22,8 @@ import torch  # noqa: E402
 from visar.generators.base import Condition  # noqa: E402
 from visar.generators.coarse_to_fine import CoarseToFineGenerator  # noqa: E402
 from visar.generators.next_token import NextTokenGenerator  # noqa: E402
+from visar.samplers.autoregressive import AutoregressiveSampler  # noqa: E402
+from visar.samplers.coarse_to_fine import CoarseToFineSampler, sample_fine  # noqa: E402
 
 
 def main() -> None:
@@ -65,16 +68,17 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    opts = dict(cfg_scale=args.cfg_scale, top_k=args.top_k)
-    run_a = lambda: base.sample(cond, generator=torch.Generator(dev).manual_seed(0), **opts)  # noqa: E731
-    run_b = lambda: ctf.sample(cond, generator=torch.Generator(dev).manual_seed(0), **opts)  # noqa: E731
+    sampler_a = AutoregressiveSampler(cfg_scale=args.cfg_scale, top_k=args.top_k)
+    sampler_b = CoarseToFineSampler(cfg_scale=args.cfg_scale, top_k=args.top_k)
+    run_a = lambda: sampler_a(base, cond, torch.Generator(dev).manual_seed(0))  # noqa: E731
+    run_b = lambda: sampler_b(ctf, cond, torch.Generator(dev).manual_seed(0))  # noqa: E731
     run_a(), run_b()  # warm-up
     ta, tb = [], []
     for _ in range(args.runs):
         ta.append(timed(run_a))
         tb.append(timed(run_b))
-    fine = [timed(lambda: ctf.sample_fine(torch.zeros(args.batch, args.grid_size ** 2, dtype=torch.long, device=dev),
-                                           cond.labels, torch.Generator(dev).manual_seed(0)))
+    fine = [timed(lambda: sample_fine(ctf, torch.zeros(args.batch, args.grid_size ** 2, dtype=torch.long, device=dev),
+                                      cond.labels, torch.Generator(dev).manual_seed(0)))
             for _ in range(args.runs)]
     ratio = statistics.median(b / a for a, b in zip(ta, tb))
     n_base = sum(p.numel() for p in base.parameters()) / 1e6
@@ -85,6 +89,8 @@ def main() -> None:
     print(f"CTF (M={args.num_clusters}, AR {n_ar:.1f}M + aux {n_aux:.1f}M): median {statistics.median(tb):.3f} s "
           f"(fine stage alone {statistics.median(fine):.3f} s)")
     print(f"median CTF / next-token time ratio over {args.runs} runs: {ratio:.3f}")
+    print(f"model passes per run: next-token {sampler_a.stats['model_passes']}, CTF {sampler_b.stats['model_passes']} "
+          f"({sampler_b.stats['coarse_passes']} coarse + {sampler_b.stats['fine_passes']} auxiliary)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """MAR sampling speed: visar (diffusion head batched over every token of a step) vs a naive path
 (the head run token by token, as a per-token loop would), at the official settings scaled down.
 
+The naive path is :class:`PerTokenHeadSampler`, the ``"masked"`` sampler with its ``head_tokens`` run
+token by token.
+
 Both paths run the same model and the same MAR schedule (random order, linear CFG, temperature 1);
 only the head calls differ. A and B alternate in one process; the figure is the median ratio of
 ``--runs`` pairs. Random weights (the speed does not depend on them).
@@ -26,7 +29,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from visar import zoo  # noqa: E402
-from visar.generators.base import Condition  # noqa: E402
+from visar.conditions import Condition  # noqa: E402
+from visar.samplers.heads import sample_head  # noqa: E402
+from visar.samplers.masked import MaskedSampler  # noqa: E402
 
 # name -> (preset, overrides, batch, num_iter, diffusion steps); official: num_iter 256, 100 steps
 SETTINGS = {
@@ -35,28 +40,23 @@ SETTINGS = {
 }
 
 
-def naive_head_sample(head):
-    """A drop-in ``head.sample`` that runs the head once per token (cond/uncond pair under guidance)."""
-    batched = head.sample
+class PerTokenHeadSampler(MaskedSampler):
+    """MAR's sampler with the head run once per token (a cond/uncond pair under guidance): the naive path."""
 
-    def sample(z, steps=None, cfg=1.0, temperature=1.0, generator=None, final_noise=False, guided=None, **kw):
-        g = (cfg != 1.0) if guided is None else guided
-        n = z.shape[0] // 2 if g else z.shape[0]
+    def head_tokens(self, head, z, *, guided, **head_options):
+        n = z.shape[0] // 2 if guided else z.shape[0]
         out = []
         for i in range(n):
-            zi = torch.stack([z[i], z[n + i]]) if g else z[i:i + 1]
-            out.append(batched(zi, steps, cfg=cfg, temperature=temperature, generator=generator,
-                               final_noise=final_noise, guided=g, **kw))
+            zi = torch.stack([z[i], z[n + i]]) if guided else z[i:i + 1]
+            out.append(sample_head(head, zi, guided=guided, **head_options))
         return torch.cat(out)
 
-    return sample
 
-
-def run(model, batch: int, num_iter: int, steps: int, seed: int) -> float:
+def run(model, sampler, batch: int, num_iter: int, steps: int, seed: int) -> float:
     cond = Condition.of(torch.arange(batch) * 7 % model.num_classes)
     t0 = time.perf_counter()
-    model.sample(cond, generator=torch.Generator().manual_seed(seed), num_iter=num_iter, cfg=2.9,
-                 cfg_schedule="linear", temperature=1.0, num_sampling_steps=steps)
+    sampler(model, cond, torch.Generator().manual_seed(seed), num_iter=num_iter, cfg_scale=2.9,
+            cfg_schedule="linear", temperature=1.0, num_steps=steps)
     return time.perf_counter() - t0
 
 
@@ -65,16 +65,13 @@ def bench(name: str, runs: int) -> dict:
     torch.manual_seed(0)
     model = zoo.create(preset, **overrides).eval()
     params = sum(p.numel() for p in model.parameters())
-    t = run(model, batch, num_iter, steps, 0)  # warm-up
+    visar, naive = MaskedSampler(), PerTokenHeadSampler()
+    t = run(model, visar, batch, num_iter, steps, 0)  # warm-up
     print(f"  {name}: {params / 1e6:.1f}M params, warm-up run {t:.2f}s", flush=True)
     fast, slow = [], []
     for r in range(runs):
-        fast.append(run(model, batch, num_iter, steps, r))
-        model.head.sample = naive_head_sample(model.head)
-        try:
-            slow.append(run(model, batch, num_iter, steps, r))
-        finally:
-            del model.head.sample
+        fast.append(run(model, visar, batch, num_iter, steps, r))
+        slow.append(run(model, naive, batch, num_iter, steps, r))
         print(f"  {name} pair {r}: visar {fast[-1]:.2f}s naive {slow[-1]:.2f}s", flush=True)
     ratios = [s / f for s, f in zip(slow, fast)]
     return {"model": name, "preset": preset, "params": params, "tokens": model.seq_len, "batch": batch,
@@ -92,7 +89,7 @@ def bench_ar(runs: int) -> dict:
 
     def one(use_cache: bool, seed: int) -> float:
         t0 = time.perf_counter()
-        model.sample(cond, generator=torch.Generator().manual_seed(seed), cfg=2.0, num_sampling_steps=20,
+        model.sample(cond, generator=torch.Generator().manual_seed(seed), cfg_scale=2.0, num_steps=20,
                      use_cache=use_cache)
         return time.perf_counter() - t0
 

@@ -23,7 +23,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from visar.generators.next_scale import SCHEDULE_256, NextScaleGenerator  # noqa: E402
-from visar.samplers.next_scale import sample  # noqa: E402
+from visar.samplers.next_scale import NextScaleSampler  # noqa: E402
 from visar.tokenizers.msvq_quantizer import MultiScaleResidualQuantizer  # noqa: E402
 
 MODELS = {
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    opts = dict(cfg_scale=1.5, top_k=900, top_p=0.96)  # VAR's FID setting
+    sample = NextScaleSampler()  # sample(gen, labels, generator, **options); sample.stats counts model passes
+    opts = dict(cfg_scale=2.5, top_k=900, top_p=0.96)  # VAR's FID setting (official cfg 1.5 = cfg_scale 2.5)
     results = []
     for name in args.models:
         gen = build(name, args.device)
@@ -78,7 +79,7 @@ def main() -> None:
             with torch.no_grad():  # warm-up (and compile)
                 for _ in range(args.warmup):
                     for kw in variants.values():
-                        sample(gen, labels, generator=torch.Generator(args.device).manual_seed(0), **opts, **kw)
+                        sample(gen, labels, torch.Generator(args.device).manual_seed(0), **opts, **kw)
             times = {k: [] for k in variants}
             start = time.perf_counter()
             for r in range(args.runs):
@@ -86,7 +87,7 @@ def main() -> None:
                 for k, kw in variants.items():
                     g = torch.Generator(args.device).manual_seed(r)
                     with torch.no_grad():
-                        dt, toks[k] = timed(lambda: sample(gen, labels, generator=g, **opts, **kw), args.device)
+                        dt, toks[k] = timed(lambda: sample(gen, labels, g, **opts, **kw), args.device)
                     times[k].append(dt)
                 same = all(torch.equal(a, b) for a, b in zip(toks["cached"], toks["naive"]))
                 if not same:
@@ -94,7 +95,7 @@ def main() -> None:
                 if time.perf_counter() - start > args.max_seconds:
                     break
             row = dict(model=name, params_M=round(params / 1e6, 1), batch=B, runs=len(times["cached"]),
-                       tokens_identical=True)
+                       tokens_identical=True, model_passes=sample.stats["model_passes"])
             for k, ts in times.items():
                 row[f"{k}_img_per_s"] = round(B / statistics.median(ts), 3)
             ratios = [n / c for n, c in zip(times["naive"], times["cached"])]

@@ -1,4 +1,5 @@
-"""Speed of LlamaGen-style sampling: the static-KV-cache AR loop vs the naive uncached loop.
+"""Speed of LlamaGen-style sampling: the static-KV-cache AR loop (``AutoregressiveSampler``) vs the
+naive uncached reference loop (``sample_autoregressive_naive``).
 
 For each model (a tiny one and a GPT-B-sized one, random weights) and batch size (1, 8) the two
 samplers run alternately in one process with the same seed; the script prints the median wall time
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 
 from visar.generators.base import Condition  # noqa: E402
 from visar.generators.next_token import NextTokenGenerator  # noqa: E402
-from visar.samplers.autoregressive import sample_autoregressive, sample_autoregressive_naive  # noqa: E402
+from visar.samplers.autoregressive import AutoregressiveSampler, sample_autoregressive_naive  # noqa: E402
 
 
 def build(kind: str, grid: int, device: str) -> NextTokenGenerator:
@@ -76,8 +77,8 @@ def main() -> None:
                 g = torch.Generator(args.device).manual_seed(0)
                 if name == "naive":
                     return sample_autoregressive_naive(model, cond, generator=g, cfg_scale=args.cfg)
-                return sample_autoregressive(model, cond, generator=g, cfg_scale=args.cfg,
-                                             compile=name == "cached+compile")
+                sampler = AutoregressiveSampler(cfg_scale=args.cfg, compile=name == "cached+compile")
+                return sampler(model, cond, g).flatten(1)
 
             names = ["naive", "cached"] + (["cached+compile"] if args.compile else [])
             times: dict[str, list[float]] = {n: [] for n in names}

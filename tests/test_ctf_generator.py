@@ -11,6 +11,7 @@ from torch import nn
 from visar.generators.base import Condition
 from visar.generators.coarse_to_fine import CoarseToFineGenerator, tokenizer_codebook
 from visar.generators.kmeans import codebook_hash
+from visar.samplers.coarse_to_fine import sample_fine
 from visar.tokenizers.base import Tokenizer
 
 V, M, K, G = 64, 8, 4, 4  # codewords, clusters, classes, grid side
@@ -138,15 +139,15 @@ def test_fine_logits_are_restricted_to_the_cluster_and_loss_adds_up():
 def test_fine_stage_greedy_and_cfg():
     g, labels = make(), torch.tensor([0, 2])
     coarse = torch.randint(M, (2, G * G), generator=torch.Generator().manual_seed(3))
-    greedy = g.sample_fine(coarse, labels, top_k=1)
+    greedy = sample_fine(g, coarse, labels, top_k=1)
     assert torch.equal(greedy, g.fine_logits(coarse, labels).argmax(-1))
     assert torch.equal(g.cluster_map[greedy], coarse)
-    cfg = g.sample_fine(coarse, labels, top_k=1, cfg_scale=3.0)
+    cfg = sample_fine(g, coarse, labels, top_k=1, cfg_scale=3.0)
     cond = g.fine_logits(coarse, labels, restrict=False)
     null = g.fine_logits(coarse, torch.full_like(labels, K), restrict=False)
     mixed = (null + 3.0 * (cond - null)).masked_fill(g.cluster_map[None, None] != coarse[..., None], float("-inf"))
     assert torch.equal(cfg, mixed.argmax(-1))
-    draws = g.sample_fine(coarse, labels, torch.Generator().manual_seed(0), temperature=2.0)
+    draws = sample_fine(g, coarse, labels, torch.Generator().manual_seed(0), temperature=2.0)
     assert torch.equal(g.cluster_map[draws], coarse)
 
 
@@ -238,7 +239,7 @@ def test_member_table_and_fine_draw_distribution():
     # the gathered draw follows the masked softmax: 800 identical rows, empirical vs exact frequencies
     coarse = torch.randint(M, (1, G * G), generator=torch.Generator().manual_seed(4)).expand(800, -1)
     labels = torch.full((800,), 2)
-    draws = g.sample_fine(coarse, labels, torch.Generator().manual_seed(0), temperature=1.5)
+    draws = sample_fine(g, coarse, labels, torch.Generator().manual_seed(0), temperature=1.5)
     probs = (g.fine_logits(coarse[:1], labels[:1]) / 1.5).softmax(-1)[0]  # [N, V]
     freq = F.one_hot(draws, V).float().mean(0)  # [N, V]
     assert (freq - probs).abs().max() < 0.07

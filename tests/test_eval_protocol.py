@@ -57,8 +57,8 @@ def test_official_protocols_when_presets_exist():
     """The family presets' protocols as the papers/READMEs state them (skipped until they are registered)."""
     expect = {"llamagen-gpt-xl": ({"cfg_scale": 1.75, "top_k": 0, "top_p": 1.0, "temperature": 1.0}, "random", 256),
               "llamagen-gpt-b": ({"cfg_scale": 2.0}, "random", None),
-              "var-d16": ({"cfg_scale": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}, "balanced", None),
-              "mar-b": ({"cfg": 2.9, "num_iter": 256, "num_sampling_steps": 100, "cfg_schedule": "linear"},
+              "var-d16": ({"cfg_scale": 2.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}, "balanced", None),
+              "mar-b": ({"cfg_scale": 2.9, "num_iter": 256, "num_steps": 100, "cfg_schedule": "linear"},
                         "balanced", None),
               "flowar-s": ({"cfg_scale": 4.3, "num_steps": 25, "guidance_high": 0.9}, None, None),
               "xar-b": ({"cfg_scale": 2.7, "num_steps": 40}, None, None)}
@@ -70,5 +70,5 @@ def test_official_protocols_when_presets_exist():
         p = resolve_protocol(name)
         assert {k: p.options.get(k) for k in opts} == opts, name
         assert (p.labels, p.resize) == (labels, resize), name
-    if "mar-b" in known:  # --cfg-scale maps onto MAR's `cfg`
-        assert resolve_protocol("mar-b", {"cfg_scale": 3.5}).options["cfg"] == 3.5
+    if "mar-b" in known:  # one vocabulary: --cfg-scale is MAR's cfg_scale too
+        assert resolve_protocol("mar-b", {"cfg_scale": 3.5}).options["cfg_scale"] == 3.5

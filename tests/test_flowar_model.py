@@ -6,7 +6,8 @@ import torch
 
 from visar import zoo
 from visar.convert.common import CheckpointError
-from visar.generators.next_scale_flow import NextScaleFlowGenerator, euler_time_grid
+from visar.generators.next_scale_flow import NextScaleFlowGenerator
+from visar.samplers.next_scale_flow import euler_time_grid
 
 
 def tiny(**kw):

@@ -8,7 +8,7 @@ import torch
 
 from visar import zoo
 from visar.convert.flowar import convert_state_dict, infer_config, load_generator
-from visar.generators.next_scale_flow import euler_time_grid
+from visar.samplers.next_scale_flow import euler_time_grid
 from visar.nn.embeddings import quantize_timestep
 
 VERSIONS = ["v1", "v2"]

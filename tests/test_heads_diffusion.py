@@ -6,6 +6,7 @@ import torch
 
 from visar.generators.diffusion_schedule import DiffusionSchedule, space_timesteps
 from visar.generators.heads import DiffusionHead, FlowHead, HeadNoise, HeadSample, build_head
+from visar.samplers.heads import sample_head
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_head_network_matches_official(tiny_head, io):
 def test_seeded_diffloss_sample_matches_official(tiny_head, io, case):
     p = f"diffloss_sample_{case}."
     g = torch.Generator().manual_seed(int(io[p + "torch_seed"]))
-    out = tiny_head.sample(io[p + "z"], cfg=float(io[p + "cfg"]), temperature=float(io[p + "temperature"]),
+    out = sample_head(tiny_head, io[p + "z"], cfg=float(io[p + "cfg"]), temperature=float(io[p + "temperature"]),
                            generator=g)
     ref = io[p + "out"][:out.shape[0]]  # with guidance the official output also holds the unconditional half
     assert out.shape == (io[p + "z"].shape[0] // (2 if case == "cfg" else 1), 16)
@@ -71,8 +72,8 @@ def test_seeded_diffloss_sample_matches_official(tiny_head, io, case):
 
 def test_density_and_final_noise_share_the_trajectory(tiny_head, io):
     z = io["diffloss_sample_nocfg.z"]
-    plain = tiny_head.sample(z, steps=10, generator=torch.Generator().manual_seed(1), return_density=True)
-    noisy = tiny_head.sample(z, steps=10, generator=torch.Generator().manual_seed(1), return_density=True,
+    plain = sample_head(tiny_head, z, steps=10, generator=torch.Generator().manual_seed(1), return_density=True)
+    noisy = sample_head(tiny_head, z, steps=10, generator=torch.Generator().manual_seed(1), return_density=True,
                              final_noise=True)
     assert isinstance(plain, HeadSample)
     torch.testing.assert_close(plain.tokens, plain.mean, rtol=0, atol=0)
@@ -89,20 +90,20 @@ def test_explicit_noise_reproduces_generator_draws(tiny_head, io):
     g = torch.Generator().manual_seed(5)
     start = torch.randn(n, 16, generator=g)
     per_step = torch.stack([torch.randn(n, 16, generator=g) for _ in range(steps)])
-    a = tiny_head.sample(z, steps=steps, generator=torch.Generator().manual_seed(5))
-    b = tiny_head.sample(z, steps=steps, noise=HeadNoise(start, per_step))
+    a = sample_head(tiny_head, z, steps=steps, generator=torch.Generator().manual_seed(5))
+    b = sample_head(tiny_head, z, steps=steps, noise=HeadNoise(start, per_step))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="noise must hold"):
-        tiny_head.sample(z, steps=steps, noise=HeadNoise(start, per_step[:3]))
+        sample_head(tiny_head, z, steps=steps, noise=HeadNoise(start, per_step[:3]))
 
 
 def test_step_gaussian_drives_the_same_chain(tiny_head, io):
-    """Running the chain by hand with ``step_gaussian`` reproduces ``sample`` (guided, explicit noise)."""
+    """Running the chain by hand with ``step_gaussian`` reproduces ``sample_head`` (guided, explicit noise)."""
     z = io["diffloss_sample_cfg.z"]  # [8, 32] = 4 cond + 4 uncond rows
     n, steps, cfg, temp = 4, 6, 3.0, 0.9
     g = torch.Generator().manual_seed(9)
     start, per_step = torch.randn(n, 16, generator=g), torch.randn(steps, n, 16, generator=g)
-    ref = tiny_head.sample(z, steps=steps, cfg=cfg, temperature=temp, noise=HeadNoise(start, per_step),
+    ref = sample_head(tiny_head, z, steps=steps, cfg=cfg, temperature=temp, noise=HeadNoise(start, per_step),
                            final_noise=True, return_density=True)
     x = torch.cat([start, start])
     for k, i in enumerate(range(steps - 1, -1, -1)):
@@ -117,13 +118,13 @@ def test_step_gaussian_drives_the_same_chain(tiny_head, io):
 def test_head_bad_arguments(tiny_head):
     z = torch.zeros(3, 32)
     with pytest.raises(ValueError, match="steps"):
-        tiny_head.sample(z, steps=0)
+        sample_head(tiny_head, z, steps=0)
     with pytest.raises(ValueError, match="at least 2"):
-        tiny_head.sample(z, steps=1)
+        sample_head(tiny_head, z, steps=1)
     with pytest.raises(ValueError, match="temperature"):
-        tiny_head.sample(z, temperature=0.0)
+        sample_head(tiny_head, z, temperature=0.0)
     with pytest.raises(ValueError, match="even"):
-        tiny_head.sample(z, steps=2, cfg=2.0)
+        sample_head(tiny_head, z, steps=2, cfg=2.0)
     with pytest.raises(ValueError, match="target must be"):
         tiny_head.loss(torch.zeros(3, 8), z)
     with pytest.raises(ValueError, match="unknown head"):
@@ -172,12 +173,36 @@ def test_flow_head_sampling(solver):
     torch.manual_seed(0)
     head = FlowHead(4, 8, width=32, depth=1, num_sampling_steps=6, solver=solver, final_std=0.1)
     z = torch.randn(5, 8)
-    a = head.sample(z, generator=torch.Generator().manual_seed(2), return_density=True)
-    b = head.sample(z, generator=torch.Generator().manual_seed(2), return_density=True, final_noise=True)
+    a = sample_head(head, z, generator=torch.Generator().manual_seed(2), return_density=True)
+    b = sample_head(head, z, generator=torch.Generator().manual_seed(2), return_density=True, final_noise=True)
     torch.testing.assert_close(a.tokens, a.mean, rtol=0, atol=0)
     torch.testing.assert_close(b.mean, a.mean, rtol=0, atol=0)
     assert torch.all(a.std == 0.1) and not torch.equal(b.tokens, b.mean)
-    guided = head.sample(torch.cat([z, torch.randn(5, 8)]), cfg=2.0, generator=torch.Generator().manual_seed(2))
+    guided = sample_head(head, torch.cat([z, torch.randn(5, 8)]), cfg=2.0, generator=torch.Generator().manual_seed(2))
     assert guided.shape == (5, 4) and torch.isfinite(guided).all()
     with pytest.raises(ValueError, match="solver"):
         FlowHead(4, 8, solver="rk4")
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "flow"])
+def test_chain_pieces_reproduce_sample_head(kind):
+    """head_start_noise + run_chain (stopped before the last draw) + finish_chain == sample_head."""
+    from visar.samplers.heads import finish_chain, head_start_noise, run_chain
+
+    torch.manual_seed(0)
+    head = build_head(kind, token_dim=4, cond_dim=8, width=32, depth=1, num_sampling_steps=5).eval()
+    if kind == "flow":
+        head.final_std = 0.1
+    for m in head.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.05)
+    z = torch.randn(6, 8)  # guided: 3 tokens
+    ref = sample_head(head, z, cfg=2.0, temperature=0.9, generator=torch.Generator().manual_seed(4),
+                      final_noise=True, return_density=True)
+    g = torch.Generator().manual_seed(4)
+    tail = run_chain(head, z, head_start_noise(head, 3, z, g), cfg=2.0, temperature=0.9, generator=g)
+    tokens = finish_chain(head, tail, g, final_noise=True)
+    assert tail.n == 3 and tail.guided and tail.mean.shape[1] == 4
+    dens = tail.density(tokens)
+    for name in ("tokens", "mean", "std"):
+        torch.testing.assert_close(getattr(dens, name), getattr(ref, name), rtol=0, atol=0)

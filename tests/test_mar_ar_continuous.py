@@ -39,8 +39,8 @@ def test_step_matches_teacher_forcing():
 def test_cached_sampling_equals_uncached(cfg, schedule):
     m = tiny()
     cond = Condition.of([2, 3])
-    a = m.sample(cond, generator=torch.Generator().manual_seed(0), cfg=cfg, cfg_schedule=schedule)
-    b = m.sample(cond, generator=torch.Generator().manual_seed(0), cfg=cfg, cfg_schedule=schedule, use_cache=False)
+    a = m.sample(cond, generator=torch.Generator().manual_seed(0), cfg_scale=cfg, cfg_schedule=schedule)
+    b = m.sample(cond, generator=torch.Generator().manual_seed(0), cfg_scale=cfg, cfg_schedule=schedule, use_cache=False)
     assert a.shape == (2, 4, 4, 4) and torch.isfinite(a).all()
     assert (a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max()))
 
@@ -50,7 +50,7 @@ def test_rewind_recomputes_the_same_conditioning():
     x = torch.randn(2, 16, 4)
     cond = Condition.of([0, 1])
     with torch.no_grad():
-        state, _ = m.start(cond, cfg_scale=3.0)
+        state, _ = m.start(cond, guided=True)
         first = m.step(state, x[:, :6], 0)
         m.rewind(state, 4)
         assert state.token_lengths.tolist() == [2, 2, 2, 2]
@@ -89,8 +89,8 @@ def test_flow_head_variant_and_save_load(tmp_path):
     m.save_pretrained(tmp_path, "generator")
     again = NextTokenContinuousGenerator.from_pretrained(tmp_path, "generator").eval()
     cond = Condition.of([1])
-    a = m.sample(cond, generator=torch.Generator().manual_seed(3), num_sampling_steps=3)
-    b = again.sample(cond, generator=torch.Generator().manual_seed(3), num_sampling_steps=3)
+    a = m.sample(cond, generator=torch.Generator().manual_seed(3), num_steps=3)
+    b = again.sample(cond, generator=torch.Generator().manual_seed(3), num_steps=3)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -104,7 +104,7 @@ def test_bad_input_and_tokenizer_pairing():
     with pytest.raises(ValueError, match="temperature"):
         m.sample(cond, temperature=0)
     with pytest.raises(ValueError, match="num_sampling_steps"):
-        m.sample(cond, num_sampling_steps=0)
+        m.sample(cond, num_steps=0)
     with pytest.raises(ValueError, match="head"):
         tiny(head="vq")
 
@@ -113,3 +113,23 @@ def test_bad_input_and_tokenizer_pairing():
 
     with pytest.raises(ValueError, match="continuous"):
         m.check_tokenizer(Discrete())
+
+
+def test_sampler_options_stats_and_protocol():
+    from visar.registry import get
+    from visar.samplers.continuous_ar import ContinuousARSampler
+
+    m = tiny()
+    cond = Condition.of([1, 2])
+    assert m.default_sampler == "continuous_ar" and get("sampler", "continuous_ar") is ContinuousARSampler
+    sampler = ContinuousARSampler(num_steps=2)
+    a = sampler(m, cond, torch.Generator().manual_seed(1), cfg_scale=2.0)
+    assert sampler.stats == {"model_passes": 16, "head_calls": 16}
+    torch.testing.assert_close(a, m.sample(cond, torch.Generator().manual_seed(1), cfg_scale=2.0, num_steps=2),
+                               rtol=0, atol=0)
+    with pytest.raises(TypeError, match="'cfg_scale'"):
+        m.sample(cond, cfg=2.0)
+    with pytest.raises(TypeError, match="'num_steps'"):
+        m.sample(cond, num_sampling_steps=3)
+    with pytest.raises(TypeError, match="logits|autoregressive"):
+        get("sampler", "autoregressive")()(m, cond)

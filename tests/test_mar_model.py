@@ -10,6 +10,7 @@ import torch
 from visar.convert.common import CheckpointError
 from visar.generators.base import Condition
 from visar.generators.masked import MaskedGenerator
+from visar.samplers.masked import MaskedSampler
 
 TINY = dict(img_size=32, vae_stride=4, encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, buffer_size=4, diffloss_d=1,
@@ -33,29 +34,30 @@ def test_presets_match_manifests(fixtures, preset, manifest):
     assert ours == {t["name"]: tuple(t["shape"]) for t in man["tensors"]}
     assert sum(p.numel() for p in model.parameters()) == man["num_params"]
     ev = zoo.get_preset(preset).eval
-    assert ev["num_iter"] == 256 and ev["num_sampling_steps"] == 100 and ev["cfg_schedule"] == "linear"
+    assert ev["num_iter"] == 256 and ev["num_steps"] == 100 and ev["cfg_schedule"] == "linear"
 
 
 def test_sample_shapes_determinism_and_guidance():
     m = tiny().eval()
     cond = Condition.of([1, 2, 3])
-    a = m.sample(cond, generator=torch.Generator().manual_seed(0), num_iter=4, cfg=2.0)
-    b = m.sample(cond, generator=torch.Generator().manual_seed(0), num_iter=4, cfg=2.0)
-    c = m.sample(cond, generator=torch.Generator().manual_seed(0), num_iter=4, cfg=1.0, cfg_schedule="constant")
+    a = m.sample(cond, generator=torch.Generator().manual_seed(0), num_iter=4, cfg_scale=2.0)
+    b = m.sample(cond, generator=torch.Generator().manual_seed(0), num_iter=4, cfg_scale=2.0)
+    c = m.sample(cond, generator=torch.Generator().manual_seed(0), num_iter=4, cfg_scale=1.0, cfg_schedule="constant")
     assert a.shape == (3, 16, 8, 8) and torch.isfinite(a).all()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
-    stats: dict = {}
-    m.sample(cond, generator=torch.Generator().manual_seed(0), num_iter=64, stats=stats)
+    sampler = MaskedSampler()
+    sampler(m, cond, torch.Generator().manual_seed(0), num_iter=64)
+    stats = sampler.stats
     assert stats["rows_per_step"] == [3] * 64  # one token per image per step
 
 
 def test_explicit_orders_generate_last_entries_first():
     m = tiny().eval()
     order = torch.arange(64)[None]
-    stats: dict = {}
-    m.sample(Condition.of([0]), generator=torch.Generator().manual_seed(0), num_iter=2, orders=order,
-             stats=stats)
+    sampler = MaskedSampler()
+    sampler(m, Condition.of([0]), torch.Generator().manual_seed(0), num_iter=2, orders=order)
+    stats = sampler.stats
     # step 1 keeps floor(64 cos(pi/4)) = 45 masked: 19 predicted, then the remaining 45
     assert stats["rows_per_step"] == [19, 45]
 
@@ -94,8 +96,8 @@ def test_save_load_roundtrip(tmp_path):
     m.save_pretrained(tmp_path, "generator")
     again = MaskedGenerator.from_pretrained(tmp_path, "generator").eval()
     cond = Condition.of([4])
-    a = m.sample(cond, generator=torch.Generator().manual_seed(1), num_iter=3, cfg=3.0)
-    b = again.sample(cond, generator=torch.Generator().manual_seed(1), num_iter=3, cfg=3.0)
+    a = m.sample(cond, generator=torch.Generator().manual_seed(1), num_iter=3, cfg_scale=3.0)
+    b = again.sample(cond, generator=torch.Generator().manual_seed(1), num_iter=3, cfg_scale=3.0)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -105,11 +107,11 @@ def test_pipeline_with_kl_tokenizer(tmp_path):
 
     tok = zoo.create("kl-tiny")
     pipe = Pipeline(tok, tiny())
-    images = pipe.generate([1, 2], seed=0, num_iter=2, cfg=2.0, num_sampling_steps=5)
+    images = pipe.generate([1, 2], seed=0, num_iter=2, cfg_scale=2.0, num_steps=5)
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
     pipe.save_pretrained(tmp_path / "pipe")
     again = Pipeline.from_pretrained(tmp_path / "pipe")
-    torch.testing.assert_close(again.generate([1, 2], seed=0, num_iter=2, cfg=2.0, num_sampling_steps=5), images,
+    torch.testing.assert_close(again.generate([1, 2], seed=0, num_iter=2, cfg_scale=2.0, num_steps=5), images,
                                rtol=0, atol=0)
 
 
@@ -121,7 +123,7 @@ def test_bad_sampling_arguments():
     with pytest.raises(ValueError, match="num_iter"):
         m.sample(cond, num_iter=0)
     with pytest.raises(ValueError, match="num_sampling_steps"):
-        m.sample(cond, num_iter=2, num_sampling_steps=0)
+        m.sample(cond, num_iter=2, num_steps=0)
     with pytest.raises(ValueError, match="temperature"):
         m.sample(cond, num_iter=2, temperature=0.0)
     with pytest.raises(ValueError, match="cfg_schedule"):
@@ -210,3 +212,27 @@ def test_mask_ratio_is_the_official_truncated_normal():
     assert draws.min() >= 0.7 and draws.max() <= 1.0
     assert abs(float(draws.mean()) - ref.mean()) < 4 * ref.std() / 4000 ** 0.5
     assert stats.kstest(draws.numpy(), ref.cdf).pvalue > 1e-3
+
+
+def test_old_option_names_fail_naming_the_new_ones():
+    m = tiny().eval()
+    cond = Condition.of([0])
+    with pytest.raises(TypeError, match="'cfg_scale'"):
+        m.sample(cond, num_iter=2, cfg=2.0)
+    with pytest.raises(TypeError, match="'num_steps'"):
+        m.sample(cond, num_iter=2, num_sampling_steps=5)
+    with pytest.raises(TypeError, match="'num_steps'"):
+        MaskedSampler(num_sampling_steps=5)
+
+
+def test_sampler_counts_passes_and_matches_the_default_sampler():
+    m = tiny().eval()
+    cond = Condition.of([1, 2])
+    sampler = MaskedSampler(num_iter=3)
+    a = sampler(m, cond, torch.Generator().manual_seed(2), cfg_scale=2.0)
+    assert sampler.stats["model_passes"] == 3 and sampler.stats["head_calls"] == 3
+    assert sum(sampler.stats["rows_per_step"]) == 2 * 2 * 64  # every token once, both guidance halves
+    b = m.sample(cond, torch.Generator().manual_seed(2), num_iter=3, cfg_scale=2.0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="MaskedModel"):
+        sampler(torch.nn.Linear(2, 2), cond)

@@ -66,10 +66,13 @@ def test_loader_uses_ema_weights(mar_dir, io):
 def test_full_sampler_matches_official(tiny_mar, io, mar_dir, name):
     log = json.loads((mar_dir / "mar_tiny_sampler_log.json").read_text())[name]
     kw = log["kwargs"]
-    stats: dict = {}
-    out = tiny_mar.sample(Condition.of(log["labels"]), generator=torch.Generator().manual_seed(log["torch_seed"]),
-                          num_iter=kw["num_iter"], cfg=kw["cfg"], cfg_schedule=kw["cfg_schedule"],
-                          temperature=kw["temperature"], order_rng=log["numpy_seed"], stats=stats)
+    from visar.samplers.masked import MaskedSampler
+
+    sampler = MaskedSampler()
+    out = sampler(tiny_mar, Condition.of(log["labels"]), torch.Generator().manual_seed(log["torch_seed"]),
+                  num_iter=kw["num_iter"], cfg_scale=kw["cfg"], cfg_schedule=kw["cfg_schedule"],
+                  temperature=kw["temperature"], order_rng=log["numpy_seed"])
+    stats = sampler.stats
     ref = io[f"{name}.tokens"]
     assert out.shape == ref.shape == (2, 16, 8, 8)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()

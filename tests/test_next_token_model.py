@@ -49,11 +49,11 @@ def test_cached_logits_equal_teacher_forced(text):
     tokens = random_tokens(3)
     tf = torch.cat([m(tokens, cond), m(tokens, m.null_condition(cond))])  # [2B, L, V]
     # one token per call
-    state, first = m.start(cond, cfg_scale=2.0)
+    state, first = m.start(cond, guided=True)
     per_token = [first] + [m.step(state, tokens[:, t:t + 1], t)[:, 0] for t in range(15)]
     torch.testing.assert_close(torch.stack(per_token, 1), tf, atol=1e-5, rtol=1e-5)
     # all tokens in one call (a speculative verify pass)
-    state, first = m.start(cond, cfg_scale=2.0)
+    state, first = m.start(cond, guided=True)
     many = torch.cat([first[:, None], m.step(state, tokens[:, :15], 0)], 1)
     torch.testing.assert_close(many, tf, atol=1e-5, rtol=1e-5)
     assert state.token_lengths.tolist() == [15] * 6
@@ -64,7 +64,7 @@ def test_rewind_then_restep_gives_same_logits():
     m = tiny()
     cond = Condition.of([1, 2])
     tokens, other = random_tokens(2, seed=3), random_tokens(2, seed=4)
-    state, _ = m.start(cond, cfg_scale=3.0)
+    state, _ = m.start(cond, guided=True)
     ref = m.step(state, tokens[:, :8], 0)  # [4, 8, V]
     m.rewind(state, 5)
     assert state.token_lengths.tolist() == [3] * 4
@@ -101,9 +101,9 @@ def test_static_attention_over_whole_cache_matches_prefix():
     m = tiny()
     state, _ = m.start(Condition.of([2]))
     tokens = random_tokens(1, seed=6)
-    a = m._step(state, tokens[:, :4], torch.tensor([0]), attend_len=None)
+    a = m.decode_step(state, tokens[:, :4], torch.tensor([0]), attend_len=None)
     m.rewind(state, 4)
-    b = m._step(state, tokens[:, :4], torch.tensor([0]), attend_len=1 + 4)
+    b = m.decode_step(state, tokens[:, :4], torch.tensor([0]), attend_len=1 + 4)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

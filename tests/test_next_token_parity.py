@@ -43,7 +43,7 @@ def t2i():
 
 def _kv_logits(model, cond, tokens, cfg_scale):
     """Official KV path: one prefill, then one call per token; rows [cond; uncond]."""
-    state, first = model.start(cond, cfg_scale=cfg_scale)
+    state, first = model.start(cond, guided=cfg_scale != 1)
     out = [first]
     for t in range(tokens.shape[1] - 1):
         out.append(model.step(state, tokens[:, t:t + 1], t)[:, 0])

@@ -61,9 +61,9 @@ def test_seeded_runs_reproduce():
 
 def test_no_unconditional_half_without_guidance():
     m = tiny()
-    state, logits = m.start(Condition.of([0, 1]), cfg_scale=1.0)
+    state, logits = m.start(Condition.of([0, 1]), guided=False)
     assert state.rows == 2 and logits.shape == (2, 64) and not state.guided
-    state, logits = m.start(Condition.of([0, 1]), cfg_scale=1.5)
+    state, logits = m.start(Condition.of([0, 1]), guided=True)
     assert state.rows == 4 and logits.shape == (4, 64) and state.guided
 
 

@@ -70,7 +70,8 @@ def test_var_presets_match_official_manifest(fixtures):
 def test_var_presets_record_eval_protocol():
     for name in ("var-d16", "var-d20", "var-d24", "var-d30", "var-d36"):
         ev = zoo.get_preset(name).eval
-        assert (ev["cfg_scale"], ev["top_k"], ev["top_p"], ev["more_smooth"]) == (1.5, 900, 0.96, False)
+        # visar's cfg_scale is 1 + VAR's cfg
+        assert (ev["cfg_scale"] - 1, ev["top_k"], ev["top_p"], ev["more_smooth"]) == (1.5, 900, 0.96, False)
         assert ev["image_size"] == (512 if name == "var-d36" else 256)
         assert "README" in ev["source"]
     assert "var-tiny" in zoo.list_models("var-*")
@@ -88,9 +89,9 @@ def test_var_cache_matches_no_cache_and_teacher_forcing(shared):
     gen, q = _pair(shared_adaln=shared)
     labels = torch.tensor([3, 7])
     rec_c, rec_n = {}, {}
-    a = sample(gen, labels, generator=torch.Generator().manual_seed(1), cfg_scale=2.0, top_k=20, top_p=0.9,
+    a = sample(gen, labels, generator=torch.Generator().manual_seed(1), cfg_scale=3.0, top_k=20, top_p=0.9,
                record=rec_c)
-    b = sample(gen, labels, generator=torch.Generator().manual_seed(1), cfg_scale=2.0, top_k=20, top_p=0.9,
+    b = sample(gen, labels, generator=torch.Generator().manual_seed(1), cfg_scale=3.0, top_k=20, top_p=0.9,
                record=rec_n, use_cache=False)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     for x, y in zip(rec_c["raw_logits"], rec_n["raw_logits"]):
@@ -104,8 +105,8 @@ def test_var_cache_matches_no_cache_and_teacher_forcing(shared):
 
 def test_var_sampler_seeded_and_no_cfg_shortcut():
     gen, _ = _pair()
-    a = gen.sample(torch.tensor([1, 2]), generator=torch.Generator().manual_seed(3), cfg_scale=0.0)
-    b = gen.sample(torch.tensor([1, 2]), generator=torch.Generator().manual_seed(3), cfg_scale=0.0)
+    a = gen.sample(torch.tensor([1, 2]), generator=torch.Generator().manual_seed(3), cfg_scale=1.0)
+    b = gen.sample(torch.tensor([1, 2]), generator=torch.Generator().manual_seed(3), cfg_scale=1.0)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert [t.shape for t in a] == [(2, s, s) for s in SCALES]
     c = gen.sample(None, generator=torch.Generator().manual_seed(3), batch=3, top_k=1)
@@ -146,7 +147,7 @@ def test_var_editing_keeps_given_tokens_and_checks_mask():
     assert all(torch.equal(a, b) for a, b in zip(keep_all, src))
     mask = torch.ones(4, 4)
     mask[1:3, 1:3] = 0  # in-paint the centre
-    out = edit(gen, src, mask, labels, generator=torch.Generator().manual_seed(0), cfg_scale=1.0, top_k=0)
+    out = edit(gen, src, mask, labels, generator=torch.Generator().manual_seed(0), cfg_scale=2.0, top_k=0)
     assert torch.equal(out[-1][:, mask.bool()], src[-1][:, mask.bool()])
     assert torch.equal(out[0], src[0])  # the first scales (<= 3 tokens) are always kept
     with pytest.raises(ValueError, match=r"edit_mask must be \[4, 4\]"):

@@ -11,11 +11,12 @@ import torch
 from visar.convert.var import load_generator, load_tokenizer
 
 SCALES = {"p4": [1, 2, 3, 4], "p4saln": [1, 2, 3, 4], "p10": [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]}
+# official_cfg: VAR's cfg (the fixtures' value); visar's cfg_scale is 1 + official_cfg
 RUNS = {
-    "greedy": dict(seed=0, cfg_scale=1.5, top_k=1, top_p=0.0),
-    "sample": dict(seed=1234, cfg_scale=4.0, top_k=32, top_p=0.95),
-    "smooth": dict(seed=99, cfg_scale=3.0, top_k=32, top_p=0.9, more_smooth=True),
-    "randlabel": dict(seed=5, cfg_scale=2.0, top_k=0, top_p=0.0),
+    "greedy": dict(seed=0, official_cfg=1.5, top_k=1, top_p=1.0),
+    "sample": dict(seed=1234, official_cfg=4.0, top_k=32, top_p=0.95),
+    "smooth": dict(seed=99, official_cfg=3.0, top_k=32, top_p=0.9, more_smooth=True),
+    "randlabel": dict(seed=5, official_cfg=2.0, top_k=0, top_p=1.0),
 }
 _CACHE: dict = {}
 
@@ -99,19 +100,20 @@ def test_var_sampler_parity(fixtures, name, run):
         pytest.skip(f"fixture {name} has no '{run}' run")
     opts = dict(RUNS[run])
     g = torch.Generator().manual_seed(opts.pop("seed"))
+    official_cfg = opts.pop("official_cfg")
     labels = None if run == "randlabel" else ref["var.labels"]
     record: dict = {}
     tokens, f_hat = gen.sample(labels, generator=g, batch=ref[f"sample.{run}.idx_BL"].shape[0], return_fhat=True,
-                               record=record, **opts)
+                               record=record, cfg_scale=1 + official_cfg, **opts)
     for k, t in enumerate(tokens):
         assert torch.equal(t.flatten(1), ref[f"sample.{run}.idx.{k}"]), f"{name}/{run}: scale {k} tokens differ"
     if run == "randlabel":
         assert torch.equal(record["labels"], ref["sample.randlabel.labels_drawn"])
     _close(f_hat, ref[f"sample.{run}.fhat_final"])
-    # CFG logits are (1 + t) * cond - t * uncond with t <= cfg_scale, so a raw-logit error e can become
+    # CFG logits are (1 + t) * cond - t * uncond with t <= official_cfg, so a raw-logit error e can become
     # (1 + 2 t) e after guidance: the README's logit tolerance applies to raw logits, scaled by that factor
     # for guided ones (float32 kernels differ across CPUs; one entry of p4/smooth is 1.7e-4 off on some).
-    amplify = {"raw_logits": 1.0, "cfg_logits": 1 + 2 * opts["cfg_scale"], "filtered_logits": 1 + 2 * opts["cfg_scale"]}
+    amplify = {"raw_logits": 1.0, "cfg_logits": 1 + 2 * official_cfg, "filtered_logits": 1 + 2 * official_cfg}
     for key in ("raw_logits", "cfg_logits", "filtered_logits"):
         for k, got in enumerate(record[key]):
             want = ref.get(f"sample.{run}.{key}.{k}")
@@ -131,5 +133,5 @@ def test_var_pipeline_matches_fixture(fixtures):
 
     tok, gen, ref = _load(fixtures, "p4")
     pipe = Pipeline(tok, gen)
-    img = pipe.generate(ref["var.labels"].tolist(), seed=0, cfg_scale=1.5, top_k=1)
+    img = pipe.generate(ref["var.labels"].tolist(), seed=0, cfg_scale=2.5, top_k=1)
     _close((img + 1) / 2, ref["sample.greedy.image01"], atol=2e-4)

@@ -102,10 +102,10 @@ def test_var_pipeline_save_load(tmp_path):
     torch.manual_seed(0)
     tok, gen = _tiny(), zoo.create("var-tiny")
     pipe = Pipeline(tok, gen)
-    a = pipe.generate([1, 2], seed=3, cfg_scale=1.5, top_k=16)
+    a = pipe.generate([1, 2], seed=3, cfg_scale=2.5, top_k=16)
     pipe.save_pretrained(tmp_path)
     back = Pipeline.from_pretrained(tmp_path)
-    b = back.generate([1, 2], seed=3, cfg_scale=1.5, top_k=16)
+    b = back.generate([1, 2], seed=3, cfg_scale=2.5, top_k=16)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert len(pipe([0], seed=0)) == 1
     bad = zoo.create("var-tiny", scales=[1, 2, 4])

@@ -16,6 +16,7 @@ from visar.generators.base import Condition
 from visar.generators.heads import DiffusionHead, FlowHead, HeadNoise
 from visar.generators.masked import MaskedGenerator
 from visar.generators.next_token_continuous import NextTokenContinuousGenerator
+from visar.samplers.heads import sample_head
 
 MAR_TINY = dict(img_size=32, vae_stride=4, vae_embed_dim=16, encoder_embed_dim=32, encoder_depth=1,
                 encoder_num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, buffer_size=4,
@@ -52,12 +53,12 @@ def test_none_is_the_default_and_a_wide_clip_changes_nothing():
     head = _loud_head(DiffusionHead(4, 8, width=32, depth=2, num_sampling_steps=10))
     z = torch.randn(6, 8)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    ref = head.sample(z, generator=g())
-    assert torch.equal(head.sample(z, generator=g(), x0_clip=None), ref)
-    assert torch.equal(head.sample(z, generator=g(), x0_clip="model"), ref)
+    ref = sample_head(head, z, generator=g())
+    assert torch.equal(sample_head(head, z, generator=g(), x0_clip=None), ref)
+    assert torch.equal(sample_head(head, z, generator=g(), x0_clip="model"), ref)
     # the clamp only acts where |x0| > x0_clip: a range nothing reaches is the identity, bit for bit
-    assert torch.equal(head.sample(z, generator=g(), x0_clip=1e30), ref)
-    clipped = head.sample(z, generator=g(), x0_clip=0.5)
+    assert torch.equal(sample_head(head, z, generator=g(), x0_clip=1e30), ref)
+    clipped = sample_head(head, z, generator=g(), x0_clip=0.5)
     assert not torch.equal(clipped, ref) and torch.isfinite(clipped).all()
 
 
@@ -67,17 +68,17 @@ def test_constructor_default_and_per_call_override():
     assert clip_head.x0_clip == 0.5 and head.x0_clip is None
     z = torch.randn(6, 8)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert torch.equal(clip_head.sample(z, generator=g()), head.sample(z, generator=g(), x0_clip=0.5))
-    assert torch.equal(clip_head.sample(z, generator=g(), x0_clip=None), head.sample(z, generator=g()))
+    assert torch.equal(sample_head(clip_head, z, generator=g()), sample_head(head, z, generator=g(), x0_clip=0.5))
+    assert torch.equal(sample_head(clip_head, z, generator=g(), x0_clip=None), sample_head(head, z, generator=g()))
 
 
 def test_step_gaussian_drives_the_clipped_chain():
-    """The chain run by hand with ``step_gaussian(x0_clip=...)`` reproduces ``sample(x0_clip=...)`` (guided)."""
+    """The chain run by hand with ``step_gaussian(x0_clip=...)`` reproduces ``sample_head(x0_clip=...)`` (guided)."""
     head = _loud_head(DiffusionHead(4, 8, width=32, depth=2, num_sampling_steps=10))
     steps, n, cfg = 6, 3, 2.5
     z = torch.randn(2 * n, 8)
     noise = HeadNoise(torch.randn(n, 4), torch.randn(steps, n, 4))
-    ref = head.sample(z, steps, cfg=cfg, noise=noise, return_density=True, x0_clip=1.0)
+    ref = sample_head(head, z, steps, cfg=cfg, noise=noise, return_density=True, x0_clip=1.0)
     x = torch.cat([noise.start, noise.start])
     for k, i in enumerate(range(steps - 1, -1, -1)):
         mean, std = head.step_gaussian(x, i, z, steps=steps, cfg=cfg, x0_clip=1.0)
@@ -94,7 +95,7 @@ def test_bad_x0_clip(bad):
     head = DiffusionHead(4, 8, width=16, depth=1, num_sampling_steps=4)
     z = torch.randn(2, 8)
     with pytest.raises(ValueError, match="x0_clip"):
-        head.sample(z, x0_clip=bad)
+        sample_head(head, z, x0_clip=bad)
     with pytest.raises(ValueError, match="x0_clip"):
         head.step_gaussian(torch.randn(2, 4), 0, z, x0_clip=bad)
     with pytest.raises(ValueError, match="x0_clip"):
@@ -123,8 +124,8 @@ def test_toy_fit_samples_its_data_only_with_a_clip():
     with torch.no_grad():
         c = torch.arange(3).repeat_interleave(256)
         z = emb(c)
-        x = head.sample(z, generator=torch.Generator().manual_seed(1), x0_clip=4.0)
-        raw = head.sample(z, generator=torch.Generator().manual_seed(1))
+        x = sample_head(head, z, generator=torch.Generator().manual_seed(1), x0_clip=4.0)
+        raw = sample_head(head, z, generator=torch.Generator().manual_seed(1))
     means = torch.stack([x[c == k].mean(0) for k in range(3)])
     stds = torch.stack([x[c == k].std(0) for k in range(3)])
     assert (means - mus).abs().max() < 0.1, means
@@ -140,15 +141,15 @@ def test_generators_take_x0_clip_and_save_it(make, tmp_path):
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     plain, clipped = make(), make(x0_clip=0.5)
     assert plain.config["x0_clip"] is None and clipped.config["x0_clip"] == 0.5
-    ref = plain.sample(cond, generator=g(), cfg=2.0, **opts)
-    out = clipped.sample(cond, generator=g(), cfg=2.0, **opts)
+    ref = plain.sample(cond, generator=g(), cfg_scale=2.0, **opts)
+    out = clipped.sample(cond, generator=g(), cfg_scale=2.0, **opts)
     assert not torch.equal(out, ref) and torch.isfinite(out).all()
-    assert torch.equal(plain.sample(cond, generator=g(), cfg=2.0, x0_clip=0.5, **opts), out)
-    assert torch.equal(clipped.sample(cond, generator=g(), cfg=2.0, x0_clip=None, **opts), ref)
+    assert torch.equal(plain.sample(cond, generator=g(), cfg_scale=2.0, x0_clip=0.5, **opts), out)
+    assert torch.equal(clipped.sample(cond, generator=g(), cfg_scale=2.0, x0_clip=None, **opts), ref)
     clipped.save_pretrained(tmp_path, "generator")
     again = type(clipped).from_pretrained(tmp_path, "generator").eval()  # MAR has dropout
     assert again.head.x0_clip == 0.5
-    assert torch.equal(again.sample(cond, generator=g(), cfg=2.0, **opts), out)
+    assert torch.equal(again.sample(cond, generator=g(), cfg_scale=2.0, **opts), out)
     with pytest.raises(ValueError, match="x0_clip"):
         clipped.sample(cond, x0_clip=-1.0, **opts)
     with pytest.raises(ValueError, match="x0_clip"):
@@ -167,7 +168,7 @@ def test_pipeline_passes_x0_clip(tmp_path):
     from visar.pipeline import Pipeline
 
     tok = zoo.create("kl-tiny")
-    for make, opts in ((_mar, dict(num_iter=2, num_sampling_steps=5)), (_causal, dict(num_sampling_steps=5))):
+    for make, opts in ((_mar, dict(num_iter=2, num_steps=5)), (_causal, dict(num_steps=5))):
         pipe = Pipeline(tok, make(), sampling_defaults={"x0_clip": 0.5, **opts})
         a = pipe.generate([1, 2], seed=0)
         b = pipe.generate([1, 2], seed=0, x0_clip=None)

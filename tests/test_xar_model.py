@@ -7,7 +7,8 @@ import torch
 from visar import zoo
 from visar.convert.common import CheckpointError
 from visar.generators.entities import CellPartition, GridPartition, block_causal_mask
-from visar.generators.next_x import NextXGenerator, em_time_grid
+from visar.generators.next_x import NextXGenerator
+from visar.samplers.next_x import em_time_grid
 
 
 def tiny(**kw):

@@ -8,7 +8,7 @@ import torch
 
 from visar import zoo
 from visar.convert.xar import convert_state_dict, infer_config, load_generator
-from visar.generators.next_x import em_time_grid
+from visar.samplers.next_x import em_time_grid
 from visar.nn.embeddings import quantize_timestep
 
 

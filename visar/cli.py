@@ -31,7 +31,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from visar import zoo
-    from visar.pipeline import to_uint8
+    from visar.utils.images import to_uint8
     from visar.utils.images import save_grid
 
     if args.threads:
@@ -41,11 +41,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.num is None:
         args.num = 2 * num_classes if args.classes is None else len(args.classes.split(","))
     labels = _parse_labels(args.classes, num_classes, args.num)
-    options = {}
+    options = dict(args.option)
     for name in ("cfg_scale", "temperature", "top_k", "top_p"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
+    if args.sampler:
+        pipe.sampler = pipe.resolve_sampler(args.sampler)
+    # check the option names and values before any image is drawn
+    pipe.sampler.resolve(pipe.options_for(pipe.sampler, options))
     out = Path(args.out)
     chunks = []
     bar = tqdm(range(0, len(labels), args.batch_size), desc="sampling", unit="batch", disable=args.quiet)
@@ -75,30 +79,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-#: family -> (tokenizer loader, generator loader), as "module:function"
-CONVERTERS = {
-    "llamagen": ("visar.convert.llamagen:load_tokenizer", "visar.convert.llamagen:load_generator"),
-    "var": ("visar.convert.var:load_tokenizer", "visar.convert.var:load_generator"),
-    "mar": ("visar.convert.mar:load_tokenizer", "visar.convert.mar:load_generator"),
-    "flowar": ("visar.convert.mar:load_tokenizer", "visar.convert.flowar:load_generator"),
-    "xar": ("visar.convert.mar:load_tokenizer", "visar.convert.xar:load_generator"),
-}
-
-
-def _call(spec: str, *args, **kwargs):
-    import importlib
-
-    module, _, fn = spec.partition(":")
-    return getattr(importlib.import_module(module), fn)(*args, **kwargs)
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     """Official tokenizer + generator files -> a visar pipeline folder (safetensors + JSON)."""
     from visar.pipeline import Pipeline
 
-    tok_spec, gen_spec = CONVERTERS[args.family]
-    tokenizer = _call(tok_spec, args.tokenizer, **dict(args.tokenizer_set))
-    generator = _call(gen_spec, args.generator, **dict(args.set))
+    from visar.registry import get
+
+    converter = get("converter", args.family)
+    tokenizer = converter.load_tokenizer(args.tokenizer, **dict(args.tokenizer_set))
+    generator = converter.load_generator(args.generator, **dict(args.set))
     Pipeline(tokenizer, generator).save_pretrained(args.out)
     log.info("wrote %s pipeline to %s (load it with visar.load(%r) or visar sample --model %s)",
              args.family, args.out, str(args.out), args.out)
@@ -133,6 +122,13 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from visar import zoo
 
+    if args.kind != "model":
+        from visar.registry import names
+
+        for name in names(args.kind):
+            if args.pattern == "*" or args.pattern in name:
+                print(name)
+        return 0
     for name in zoo.list_models(args.pattern):
         print(name)
     return 0
@@ -142,6 +138,25 @@ def _forward(module: str, argv: list[str]) -> int:
     import importlib
 
     return int(importlib.import_module(module).main(argv) or 0)
+
+
+class registered:
+    """argparse ``choices`` read from the registry when first needed (so ``visar --help`` imports no torch):
+    the CLI's choices come from where things are defined, never from a second list."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def _names(self) -> list[str]:
+        from visar.registry import names
+
+        return names(self.kind)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=None)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--sampler", default=None, choices=registered("sampler"),
+                   help="sampler (default: the model's own, which reproduces the official sampling)")
+    s.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="any sampler option, e.g. --option num_steps=50 (JSON values; see docs/architecture.md)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--nrow", type=int, default=None, help="images per grid row")
     s.add_argument("--out", default="samples", help="output folder (grid.png inside) or a .png path")
@@ -171,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     c = sub.add_parser("convert", help="official checkpoints -> a visar pipeline folder")
-    c.add_argument("family", choices=sorted(CONVERTERS))
+    c.add_argument("family", choices=registered("converter"))
     c.add_argument("--tokenizer", required=True, help="official tokenizer file (VQ / VQVAE / kl16.ckpt or VAE folder)")
     c.add_argument("--generator", required=True, help="official generator file")
     c.add_argument("--set", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
@@ -202,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list presets and bundled models")
     m.add_argument("pattern", nargs="?", default="*")
+    m.add_argument("--kind", default="model", choices=["model", "family", "tokenizer", "sampler", "task", "converter"],
+                   help="what to list: presets and bundled models (default) or registered families, tokenizers, "
+                        "samplers, training tasks or checkpoint converters")
     m.set_defaults(func=cmd_models)
 
     sub.add_parser("train", help="train from a YAML config on Accelerate (visar train CONFIG.yaml --help)", add_help=False)

@@ -1,4 +1,10 @@
-"""Pipeline: tokenizer + generator (+ text encoder) -> PIL images. What users call."""
+"""Pipeline: tokenizer + generator + sampler (+ text encoder) -> PIL images. What users call.
+
+``Pipeline(tokenizer, generator, sampler=None)``: the sampler is a :class:`~visar.samplers.base.Sampler`
+object or a registered name (``None``: the generator family's default sampler, which reproduces the
+official sampling). ``pipe(class_ids, seed=0, sampler=..., **options)`` may swap it for one call.
+Options resolve as: the call's, then the pipeline's ``sampling_defaults``, then the sampler's own.
+"""
 from __future__ import annotations
 
 import json
@@ -8,33 +14,67 @@ from typing import Any, Sequence
 
 import torch
 
-from visar.generators.base import Condition, Generator
+from visar.conditions import Condition
+from visar.generators.base import Generator
+from visar.samplers.base import Sampler, default_sampler, get_sampler
 from visar.tokenizers.base import Tokenizer
+from visar.utils.images import to_pil, to_uint8  # noqa: F401  (to_uint8 re-exported)
 from visar.utils.io import atomic_write_bytes
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``[B, 3, H, W]`` in ``[-1, 1]`` -> ``uint8 [B, H, W, 3]`` (``clamp(127.5 x + 128, 0, 255)``, truncated)."""
-    return (images.float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+#: version 2: one sampling vocabulary (``cfg_scale`` 1 = no guidance everywhere, ``top_p`` 1 disables)
+PIPELINE_VERSION = 2
 
 
-def to_pil(images: torch.Tensor) -> list:
-    from PIL import Image
+def migrate_sampling_defaults(defaults: dict | None, version: int, family: str) -> dict:
+    """Stored sampling defaults of a version-1 folder in today's vocabulary.
 
-    return [Image.fromarray(a.numpy()) for a in to_uint8(images)]
+    Version 1 spelled MAR's options ``cfg`` / ``num_sampling_steps`` and VAR's guidance as its official
+    ``cfg`` (``t`` ramping to ``cfg``, 0 = none) with ``top_p=0`` disabling the filter; version 2 has one
+    ``cfg_scale`` (1 = none; VAR's ``cfg_scale = 1 + cfg``) and ``top_p=1`` disabling.
+    """
+    out = dict(defaults or {})
+    if version >= 2:
+        return out
+    for old, new in (("cfg", "cfg_scale"), ("num_sampling_steps", "num_steps")):
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    if family == "var":
+        if "cfg_scale" in out:
+            out["cfg_scale"] = 1.0 + float(out["cfg_scale"])
+        if out.get("top_p") == 0:
+            out["top_p"] = 1.0
+    return out
 
 
 class Pipeline:
-    """A tokenizer and a generator that models its tokens.
+    """A tokenizer, a generator that models its tokens, and the sampler that draws them.
 
-    ``pipe(class_ids, seed=0, **sampling_options) -> list[PIL.Image]``; ``sampling_options`` are the
-    generator's (``cfg_scale``, ``temperature``, ``top_k``, ``top_p``, ... see its ``sample``).
+    ``pipe(class_ids, seed=0, sampler=None, **sampling_options) -> list[PIL.Image]``; the options are
+    the sampler's (``cfg_scale``, ``temperature``, ``top_k``, ``top_p``, ``num_steps``, ... see
+    ``docs/architecture.md`` for the shared vocabulary).
+
+    Args:
+        tokenizer: a :class:`~visar.tokenizers.base.Tokenizer`.
+        generator: a :class:`~visar.generators.base.Generator` of the tokenizer's token kind.
+        sampler: a :class:`~visar.samplers.base.Sampler`, a registered sampler name, or ``None`` for the
+            generator's default sampler.
+        text_encoder: caption encoder of text-to-image pipelines.
+        sampling_defaults: options used when the caller does not give them (e.g. the cfg a model was
+            tuned for); saved with the pipeline.
     """
 
-    def __init__(self, tokenizer: Tokenizer, generator: Generator, text_encoder: Any = None,
-                 sampling_defaults: dict | None = None):
+    def __init__(self, tokenizer: Tokenizer, generator: Generator, sampler: "Sampler | str | None" = None,
+                 text_encoder: Any = None, sampling_defaults: dict | None = None):
+        if not isinstance(tokenizer, Tokenizer):
+            hint = " (the arguments are Pipeline(tokenizer, generator))" if isinstance(tokenizer, Generator) else ""
+            raise TypeError(f"tokenizer must be a visar Tokenizer, got {type(tokenizer).__name__}{hint}")
+        if not isinstance(generator, Generator):
+            raise TypeError(f"generator must be a visar Generator, got {type(generator).__name__}")
         generator.check_tokenizer(tokenizer)
         self.tokenizer, self.generator, self.text_encoder = tokenizer.eval(), generator.eval(), text_encoder
+        self.sampler = default_sampler(generator) if sampler is None else get_sampler(sampler)
+        self.sampler.check_model(generator)
         #: sampling options used when the caller does not give them (e.g. the cfg a model was tuned for)
         self.sampling_defaults = dict(sampling_defaults or {})
 
@@ -56,27 +96,45 @@ class Pipeline:
             raise ValueError("give class ids (or prompts for a text-to-image pipeline)")
         return Condition.of(class_ids)
 
+    def resolve_sampler(self, sampler: "Sampler | str | None" = None) -> Sampler:
+        """The sampler a call uses: ``sampler`` if given (object or registered name), else the pipeline's."""
+        if sampler is None:
+            return self.sampler
+        s = get_sampler(sampler)
+        s.check_model(self.generator)
+        return s
+
+    def options_for(self, sampler: Sampler, options: dict) -> dict:
+        """The call's options over the stored ``sampling_defaults`` (only those the sampler takes, so a
+        default tuned for the family's sampler does not break a swapped-in one)."""
+        stored = {k: v for k, v in self.sampling_defaults.items() if k in sampler.defaults}
+        return {**stored, **options}
+
     @torch.inference_mode()
     def generate(self, class_ids: Any = None, prompts: Sequence[str] | None = None, seed: int | None = 0,
-                 generator: torch.Generator | None = None, **options) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in ``[-1, 1]`` (clamped)."""
+                 generator: torch.Generator | None = None, sampler: "Sampler | str | None" = None,
+                 **options) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[-1, 1]`` (clamped), drawn by ``sampler`` (default: the pipeline's)."""
+        s = self.resolve_sampler(sampler)
         cond = self.condition(class_ids, prompts).to(self.device)
         self.generator.check_condition(cond)
         if generator is None and seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
-        tokens = self.generator.sample(cond, generator=generator, **{**self.sampling_defaults, **options})
+        tokens = s(self.generator, cond, generator, **self.options_for(s, options))
         return self.tokenizer.decode(tokens).clamp(-1, 1)
 
     def __call__(self, class_ids: Any = None, prompts: Sequence[str] | None = None, seed: int | None = 0,
-                 **options) -> list:
-        return to_pil(self.generate(class_ids, prompts, seed=seed, **options))
+                 sampler: "Sampler | str | None" = None, **options) -> list:
+        return to_pil(self.generate(class_ids, prompts, seed=seed, sampler=sampler, **options))
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """``tokenizer.{json,safetensors}``, ``generator.{json,safetensors}`` and ``pipeline.json``."""
         d = Path(directory)
         self.tokenizer.save_pretrained(d, "tokenizer")
         self.generator.save_pretrained(d, "generator")
-        meta = {"format": "visar-pipeline", "version": 1}
+        meta = {"format": "visar-pipeline", "version": PIPELINE_VERSION}
+        if self.sampler.name != getattr(self.generator, "default_sampler", None) or self.sampler.options:
+            meta["sampler"] = {"name": self.sampler.name, "options": self.sampler.options}
         if self.sampling_defaults:
             meta["sampling_defaults"] = self.sampling_defaults
         atomic_write_bytes(d / "pipeline.json", json.dumps(meta).encode())
@@ -91,4 +149,8 @@ class Pipeline:
         meta = json.loads((d / "pipeline.json").read_text())
         tok = Tokenizer.from_pretrained(d, "tokenizer", map_location=device)
         gen = Generator.from_pretrained(d, "generator", map_location=device)
-        return cls(tok, gen, sampling_defaults=meta.get("sampling_defaults"))
+        defaults = migrate_sampling_defaults(meta.get("sampling_defaults"), int(meta.get("version", 1)),
+                                             getattr(gen, "family", ""))
+        spec = meta.get("sampler")
+        sampler = get_sampler(spec["name"], **spec.get("options", {})) if spec else None
+        return cls(tok, gen, sampler=sampler, sampling_defaults=defaults)

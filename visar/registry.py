@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 #: kinds of registered things and what they are
@@ -17,6 +18,7 @@ KINDS = {
     "tokenizer": "tokenizer classes",
     "sampler": "sampler classes (visar.samplers.base.Sampler subclasses)",
     "task": "training tasks (visar.train.tasks)",
+    "converter": "official checkpoint readers (visar.convert.common.Converter), one per family",
 }
 
 #: modules that register something; imported lazily, in this order, on the first lookup
@@ -40,7 +42,31 @@ MODULES = [
     "visar.samplers.next_x",
     "visar.samplers.coarse_to_fine",
     "visar.train.tasks",
+    "visar.convert.llamagen",
+    "visar.convert.var",
+    "visar.convert.mar",
+    "visar.convert.flowar",
+    "visar.convert.xar",
 ]
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration (family modules define ``PRESETS: dict[str, Preset]``; :mod:`visar.zoo` serves them).
+
+    Attributes:
+        cls: ``"module:Class"`` of the tokenizer or generator.
+        kwargs: constructor arguments.
+        kind: ``"generator"`` or ``"tokenizer"`` (or ``"classifier"``).
+        paper: where the configuration comes from.
+        eval: evaluation protocol (cfg, sampling settings, image size, resize, labels; sources cited).
+    """
+
+    cls: str
+    kwargs: dict = field(default_factory=dict)
+    kind: str = "generator"
+    paper: str = ""
+    eval: dict = field(default_factory=dict)
+
 
 _ENTRIES: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
 _loaded = False
@@ -53,7 +79,10 @@ def register(kind: str, name: str) -> Callable[[Any], Any]:
 
     def deco(obj):
         prev = _ENTRIES[kind].get(name)
-        if prev is not None and prev is not obj and getattr(prev, "__qualname__", None) != obj.__qualname__:
+        # re-registering the same definition (a module imported twice, e.g. under reload) is fine
+        same = prev is obj or (getattr(prev, "__qualname__", None) is not None
+                               and getattr(prev, "__qualname__", None) == getattr(obj, "__qualname__", None))
+        if prev is not None and not same:
             raise ValueError(f"{kind} {name!r} is registered twice ({prev!r} and {obj!r})")
         _ENTRIES[kind][name] = obj
         return obj
@@ -61,17 +90,23 @@ def register(kind: str, name: str) -> Callable[[Any], Any]:
     return deco
 
 
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
+def modules() -> list[Any]:
+    """The registering modules of :data:`MODULES` that exist, imported (each once)."""
+    out = []
     for mod in MODULES:
         try:
-            importlib.import_module(mod)
+            out.append(importlib.import_module(mod))
         except ModuleNotFoundError as e:
             if e.name != mod:  # a real missing dependency inside the module
                 raise
-    _loaded = True
+    return out
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        modules()
+        _loaded = True
 
 
 def names(kind: str) -> list[str]:
@@ -98,4 +133,4 @@ def items(kind: str) -> dict[str, Any]:
     return dict(_ENTRIES[kind])
 
 
-__all__ = ["KINDS", "MODULES", "register", "names", "get", "items"]
+__all__ = ["KINDS", "MODULES", "Preset", "register", "modules", "names", "get", "items"]

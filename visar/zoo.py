@@ -1,7 +1,7 @@
 """Named configurations (presets) and where their weights come from.
 
 Every family module that has presets defines ``PRESETS: dict[str, Preset]``; this module only
-collects them (lazily, on first use). Weights are never downloaded: a preset is built with random
+collects them (lazily, on first use) from the registering modules of :mod:`visar.registry`. Weights are never downloaded: a preset is built with random
 weights (``create``), loaded from the bundled assets, from a saved folder, or from an official
 checkpoint through ``visar.convert``.
 """
@@ -9,47 +9,16 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: modules that may define PRESETS (imported on first use only)
-FAMILY_MODULES = [
-    "visar.tokenizers.vq",
-    "visar.tokenizers.msvq",
-    "visar.tokenizers.kl",
-    "visar.generators.next_token",
-    "visar.generators.masked",
-    "visar.generators.next_scale",
-    "visar.generators.next_scale_flow",
-    "visar.generators.next_x",
-    "visar.generators.coarse_to_fine",
-    "visar.eval.classifier",
-]
+from visar import registry
+from visar.registry import Preset  # noqa: F401  (re-exported: presets are data, defined below the families)
 
 ASSETS = Path(__file__).parent / "assets"
 #: bundled pipelines: name -> folder under visar/assets
 BUNDLED = {"shapes-llamagen": "shapes-llamagen"}
 DEFAULT_MODEL = "shapes-llamagen"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named configuration.
-
-    Attributes:
-        cls: ``"module:Class"`` of the tokenizer or generator.
-        kwargs: constructor arguments.
-        kind: ``"generator"`` or ``"tokenizer"`` (or ``"classifier"``).
-        paper: where the configuration comes from.
-        eval: evaluation protocol (cfg, sampling settings, image size, resize, labels; sources cited).
-    """
-
-    cls: str
-    kwargs: dict = field(default_factory=dict)
-    kind: str = "generator"
-    paper: str = ""
-    eval: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, Preset] | None = None
@@ -59,13 +28,7 @@ def _registry() -> dict[str, Preset]:
     global _REGISTRY
     if _REGISTRY is None:
         reg: dict[str, Preset] = {}
-        for mod in FAMILY_MODULES:
-            try:
-                m = importlib.import_module(mod)
-            except ModuleNotFoundError as e:
-                if e.name == mod:
-                    continue
-                raise
+        for m in registry.modules():  # the one list of registering modules
             reg.update(getattr(m, "PRESETS", {}))
         _REGISTRY = reg
     return _REGISTRY

@@ -6,14 +6,11 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
-from torch import nn
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be used for what was asked (wrong family, truncated, unsafe, ...)."""
+from visar.utils.state_dict import CheckpointError, load_state_strict  # noqa: F401  (re-exported)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -72,34 +69,6 @@ def require_keys(state: Mapping[str, torch.Tensor], keys: Iterable[str], family:
                               f"with: {sample}). Use the converter of the family that produced it.")
 
 
-def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
-                      ignore: Iterable[str] = ()) -> None:
-    """``load_state_dict(strict=True)`` with dtype casting and a readable report of mismatches.
-
-    Keys in ``ignore`` are dropped from ``state`` first. Tensors are cast to the dtype of the
-    parameter they load into (official files may store float16).
-    """
-    ignore = set(ignore)
-    own = model.state_dict()
-    state = {k: v for k, v in state.items() if k not in ignore}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape_bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shape_bad:
-        lines = [f"{source} does not match {type(model).__name__}:"]
-        if missing:
-            lines.append(f"  missing {len(missing)} keys, e.g. {missing[:5]}")
-        if unexpected:
-            lines.append(f"  unexpected {len(unexpected)} keys, e.g. {unexpected[:5]}")
-        if shape_bad:
-            lines.append(f"  shape mismatches: {shape_bad[:5]}")
-        lines.append("  (is this a checkpoint of another family or size? pass overrides or use the right converter)")
-        raise CheckpointError("\n".join(lines))
-    cast = {k: v.to(dtype=own[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(cast, strict=True)
-
-
 def block_indices(state: Mapping[str, torch.Tensor], prefix: str) -> set[int]:
     """Indices ``N`` of the ``{prefix}.N.*`` keys in ``state`` (``prefix`` e.g. ``trunk.blocks``)."""
     pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
@@ -123,3 +92,10 @@ def rename_keys(state: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, st
             k = p.sub(r, k)
         out[k] = v
     return out
+
+
+class Converter(NamedTuple):
+    """How ``visar convert FAMILY`` reads a family's official files (registered as ``"converter"``)."""
+
+    load_tokenizer: Callable[..., Any]
+    load_generator: Callable[..., Any]

@@ -15,10 +15,12 @@ import os
 
 import torch
 
-from visar.convert.common import (CheckpointError, count_blocks, load_state_strict, read_checkpoint, rename_keys,
+from visar.convert.common import (Converter, CheckpointError, count_blocks, load_state_strict, read_checkpoint, rename_keys,
                                   require_keys, unwrap_state_dict)
+from visar.convert.mar import load_tokenizer as load_mar_tokenizer
 from visar.nn.adaln_block import swiglu_hidden
 from visar.nn.rope import rope_frequencies
+from visar.registry import register
 
 #: timm's SwiGLU names -> visar's SwiGLU names (shared with the xAR converter)
 SWIGLU_RULES = [(r"\.mlp\.fc1_g\.", ".mlp.w1."), (r"\.mlp\.fc1_x\.", ".mlp.w3."), (r"\.mlp\.fc2\.", ".mlp.w2.")]
@@ -100,3 +102,7 @@ def load_generator(path: str | os.PathLike, **overrides):
     model = NextScaleFlowGenerator(**cfg)
     load_state_strict(model, convert_state_dict(state, model, path), source=path)
     return model.eval()
+
+
+#: ``visar convert flowar``: the KL-16 VAE it samples with (MAR's loader) and the generator
+CONVERTER = register("converter", "flowar")(Converter(load_mar_tokenizer, load_generator))

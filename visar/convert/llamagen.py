@@ -12,9 +12,10 @@ from typing import Any, Mapping
 
 import torch
 
-from visar.convert.common import (CheckpointError, load_state_strict, read_checkpoint, require_keys,
+from visar.convert.common import (Converter, CheckpointError, load_state_strict, read_checkpoint, require_keys,
                                   unwrap_state_dict)
 from visar.convert.ldm import ldm_to_llamagen, ldm_to_visar, llamagen_to_ldm, visar_to_ldm
+from visar.registry import register
 
 # ============================================================================================ VQ tokenizer
 #: keys every LlamaGen VQModel file has
@@ -209,3 +210,7 @@ def load_generator(path: str | os.PathLike, **overrides: Any):
     model = NextTokenGenerator(**config)
     load_state_strict(model, gpt_state_from_official(state), source=path)
     return model.eval()
+
+
+#: ``visar convert llamagen``
+CONVERTER = register("converter", "llamagen")(Converter(load_tokenizer, load_generator))

@@ -20,8 +20,9 @@ from typing import Mapping
 
 import torch
 
-from visar.convert.common import (CheckpointError, block_indices, count_blocks, load_state_strict, read_checkpoint,
+from visar.convert.common import (Converter, CheckpointError, block_indices, count_blocks, load_state_strict, read_checkpoint,
                                   require_keys, unwrap_state_dict)
+from visar.registry import register
 
 log = logging.getLogger("visar")
 
@@ -214,3 +215,7 @@ def load_generator(path: str | os.PathLike, use_ema: bool = True, **overrides):
     log.info("loaded MAR (%s) from %s: width %d, depth %d+%d, head %dx%d", picked, path, cfg["encoder_embed_dim"],
              cfg["encoder_depth"], cfg["decoder_depth"], cfg["diffloss_d"], cfg["diffloss_w"])
     return model.eval()
+
+
+#: ``visar convert mar``
+CONVERTER = register("converter", "mar")(Converter(load_tokenizer, load_generator))

@@ -21,9 +21,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from visar.convert.common import (CheckpointError, load_state_strict, read_checkpoint, rename_keys,
+from visar.convert.common import (Converter, CheckpointError, load_state_strict, read_checkpoint, rename_keys,
                                   require_keys, unwrap_state_dict)
 from visar.generators.next_scale import SCHEDULE_256, SCHEDULE_512, NextScaleGenerator, block_causal_mask, scale_index
+from visar.registry import register
 
 log = logging.getLogger("visar")
 
@@ -223,3 +224,7 @@ def tokenizer_to_official(model) -> dict[str, torch.Tensor]:
     from visar.convert.ldm import visar_to_ldm
 
     return visar_to_ldm(model.state_dict(), fused_qkv=True)
+
+
+#: ``visar convert var``
+CONVERTER = register("converter", "var")(Converter(load_tokenizer, load_generator))

@@ -15,11 +15,13 @@ import os
 
 import torch
 
-from visar.convert.common import (CheckpointError, load_state_strict, read_checkpoint, rename_keys, require_keys,
+from visar.convert.common import (Converter, CheckpointError, load_state_strict, read_checkpoint, rename_keys, require_keys,
                                   unwrap_state_dict)
+from visar.convert.mar import load_tokenizer as load_mar_tokenizer
 from visar.convert.common import count_blocks
 from visar.convert.flowar import SWIGLU_RULES, check_mask, check_rope_freqs
 from visar.nn.adaln_block import swiglu_hidden
+from visar.registry import register
 
 MARKERS = ["z_proj.weight", "time_embed.mlp.0.weight", "encoder_blocks.0.ada_lin.1.weight", "pred.weight"]
 
@@ -80,3 +82,7 @@ def load_generator(path: str | os.PathLike, **overrides):
     model = NextXGenerator(**cfg)
     load_state_strict(model, convert_state_dict(state, model, path), source=path)
     return model.eval()
+
+
+#: ``visar convert xar``: the KL-16 VAE it samples with (MAR's loader) and the generator
+CONVERTER = register("converter", "xar")(Converter(load_mar_tokenizer, load_generator))

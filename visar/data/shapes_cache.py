@@ -40,11 +40,9 @@ def from_uint8(pixels: np.ndarray) -> torch.Tensor:
 
 
 def _render_chunk(args: tuple) -> tuple[int, np.ndarray]:
-    from visar.data.shapes import ShapesDataset
-
-    kwargs, lo, hi = args
+    cls, kwargs, lo, hi = args  # the dataset class travels with the job: this module never imports it
     torch.set_num_threads(1)
-    ds = ShapesDataset(**kwargs)
+    ds = cls(**kwargs)
     return lo, to_uint8(ds.render(range(lo, hi))[0])
 
 
@@ -80,7 +78,7 @@ def load_or_render(dataset: Any, path: str | os.PathLike, workers: int | None = 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     kwargs = {"size": dataset.size, "length": dataset.length, "split": dataset.split, "seed": dataset.seed,
               "gradient_prob": dataset.gradient_prob}
-    jobs = [(kwargs, lo, min(lo + _CHUNK, dataset.length)) for lo in range(0, dataset.length, _CHUNK)]
+    jobs = [(type(dataset), kwargs, lo, min(lo + _CHUNK, dataset.length)) for lo in range(0, dataset.length, _CHUNK)]
     workers = workers or max(1, min(len(os.sched_getaffinity(0)), 16))
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,

@@ -22,7 +22,7 @@ from torch import nn
 
 from visar.utils.config import Configurable, register_config
 from visar.utils.validation import check_images, check_labels
-from visar.zoo import Preset
+from visar.registry import Preset
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "classifier"
 

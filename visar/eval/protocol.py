@@ -9,7 +9,6 @@ facts, merges user overrides and logs every departure from the protocol, e.g.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ META_KEYS = frozenset({
     "tokenizer", "seed", "text_encoder", "notes", "reference", "evaluator", "baseline", "settings_source",
 })
 #: option names that mean the same thing in different families (user name -> family name)
-ALIASES = {"cfg_scale": ("cfg",), "cfg": ("cfg_scale",)}
 #: the ADM reference batches FID is computed against for ImageNet
 ADM_REFERENCES = {256: "VIRTUAL_imagenet256_labeled.npz", 512: "VIRTUAL_imagenet512.npz"}
 
@@ -77,16 +75,16 @@ def _normalise_labels(v: Any) -> str | None:
 
 
 def _sampler_parameters(preset) -> tuple[set[str], bool]:
-    """Named parameters of the preset class's ``sample`` and whether it takes ``**options``."""
+    """Option names of the preset family's default sampler (and ``False``: it takes no others)."""
     import importlib
 
+    from visar.registry import get
+
     module, _, cls = preset.cls.partition(":")
-    sample = getattr(getattr(importlib.import_module(module), cls), "sample", None)
-    if sample is None:
+    name = getattr(getattr(importlib.import_module(module), cls), "default_sampler", "")
+    if not name:
         return set(), True
-    params = inspect.signature(sample).parameters.values()
-    names = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self", "cond", "generator"}
-    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+    return set(get("sampler", name).defaults), False
 
 
 def split_eval_dict(eval_dict: dict, sampler_params: set[str] | None = None,
@@ -119,8 +117,8 @@ def resolve_protocol(name: str, overrides: dict | None = None, *, labels: str | 
 
     Args:
         name: a generator preset with an ``eval`` dict (``visar.list_models()``).
-        overrides: sampling options that replace the protocol's (``{"cfg_scale": 2.0}``); ``cfg_scale``
-            maps to a family's ``cfg`` (and back) when the protocol uses the other name.
+        overrides: sampling options that replace the protocol's (``{"cfg_scale": 2.0}``), in the shared
+            vocabulary (an old name such as ``cfg`` fails naming ``cfg_scale``).
         labels, num_samples: replace the protocol's label scheme / sample count.
         resize: ``"protocol"`` keeps the protocol's; an int or ``None`` replaces it.
     """
@@ -146,10 +144,11 @@ def resolve_protocol(name: str, overrides: dict | None = None, *, labels: str | 
     if "imagenet" in dataset or "dataset" not in facts:
         proto.reference = ADM_REFERENCES.get(proto.resize or image_size)
     departures = []
-    for k, v in (overrides or {}).items():
-        key = k
-        if k not in proto.options:
-            key = next((a for a in ALIASES.get(k, ()) if a in proto.options), k)
+    if overrides and params:
+        from visar.samplers.options import check_option_names
+
+        check_option_names(overrides, params, f"the {name} protocol's sampler")
+    for key, v in (overrides or {}).items():
         old = proto.options.get(key)
         if old != v:
             departures.append(f"departure: {key} {_fmt(v)} (protocol {_fmt(old)})")

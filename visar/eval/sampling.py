@@ -22,7 +22,6 @@ Runs under Accelerate: one process works as is; ``accelerate launch`` / ``torchr
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -123,16 +122,19 @@ def _jsonable_options(options: dict) -> dict:
 
 
 def effective_options(pipeline: Any, options: dict) -> dict:
-    """The generator's ``sample`` defaults updated with ``options`` (what the sampler will really use)."""
-    defaults = {}
-    gen = getattr(pipeline, "generator", None)
-    if gen is not None:
-        for p in inspect.signature(gen.sample).parameters.values():
-            if p.name in ("self", "cond", "generator") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                continue
-            if p.default is not p.empty:
-                defaults[p.name] = p.default
-    return _jsonable_options({**defaults, **options})
+    """What the sampler will really use: its defaults, then the pipeline's stored ``sampling_defaults``,
+    then ``options`` (so a record names, e.g., the cfg a bundled model samples at by default)."""
+    from visar.samplers.base import default_sampler
+
+    resolve = getattr(pipeline, "resolve_sampler", None)
+    if resolve is not None:
+        sampler = resolve(None)
+        options = pipeline.options_for(sampler, options)
+    elif getattr(pipeline, "generator", None) is not None:  # a pipeline-like wrapper: the generator's own sampler
+        sampler = default_sampler(pipeline.generator)
+    else:
+        return _jsonable_options(dict(options))
+    return _jsonable_options({**sampler.defaults, **sampler.options, **options})
 
 
 def _resize(images: torch.Tensor, resize: int | None, antialias: bool) -> torch.Tensor:
@@ -288,7 +290,7 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
                 and images.shape[1] == 3):
             raise ValueError(f"pipeline.generate must return [B, 3, H, W] in [-1, 1] with B={e - s}; got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-        from visar.pipeline import to_uint8
+        from visar.utils.images import to_uint8
 
         u8 = to_uint8(_resize(images, resize, resize_antialias)).numpy()  # [B, H, W, 3]
         for k, i in enumerate(range(s, e)):

@@ -35,7 +35,7 @@ def _samples_and_labels(samples: Any, labels: Any) -> tuple[torch.Tensor, torch.
             raise ValueError("give the class labels the samples were generated for (labels=[N] ints)")
         if samples.dim() != 4 or samples.shape[1] != 3:
             raise ValueError(f"float samples must be [N, 3, H, W] in [-1, 1], got {tuple(samples.shape)}")
-        from visar.pipeline import to_uint8
+        from visar.utils.images import to_uint8
 
         return to_uint8(samples), torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     inp = open_input(samples, "samples")

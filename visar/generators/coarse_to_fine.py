@@ -7,9 +7,11 @@ id) in one pass, conditioned on the whole coarse sequence and the class:
 
     p(tokens | class) = prod_i p_AR(c_i | c_<i, class) * prod_i p_aux(t_i | c_1..N, class),  c_i = map(t_i)
 
-Training sums the two cross-entropies (the auxiliary one with the true coarse labels); sampling runs
-the coarse AR model with its KV cache (``temperature_coarse``, top-k/top-p, CFG), then one auxiliary
-pass and an independent draw per position (``temperature_fine``). The fine draw is restricted to the
+Training sums the two cross-entropies (the auxiliary one with the true coarse labels); sampling
+(:class:`~visar.samplers.coarse_to_fine.CoarseToFineSampler`, the default sampler) runs the coarse AR
+model (``coarse``, a next-token model) with its KV cache (``temperature_coarse``, top-k/top-p, CFG), then
+one auxiliary pass (:meth:`CoarseToFineGenerator.fine_scores`) and an independent draw per position
+(``temperature_fine``). The fine draw is restricted to the
 codewords of the position's cluster (``restrict_to_cluster``), which is what makes ``map(t_i) = c_i``
 hold by construction.
 
@@ -27,14 +29,9 @@ import torch.nn.functional as F
 from visar.generators.base import Condition, Generator
 from visar.generators.ctf_auxiliary import AuxiliaryModel
 from visar.generators.kmeans import build_cluster_map, codebook_hash
-from visar.samplers.logits import cfg_mix, check_finite, process_logits, sample_categorical
+from visar.registry import Preset, register
 from visar.utils.config import register_config
-from visar.utils.validation import check_sampling_args, check_tokens
-from visar.zoo import Preset
-
-
-#: upper bound on ``rows * positions * vocab`` logits materialised at once by the fine stage
-FINE_CHUNK_ELEMENTS = 1 << 26
+from visar.utils.validation import check_tokens
 
 
 def tokenizer_codebook(tokenizer: Any) -> torch.Tensor:
@@ -64,6 +61,7 @@ def tokenizer_codebook(tokenizer: Any) -> torch.Tensor:
     return cb.detach()
 
 
+@register("family", "ctf")
 class CoarseToFineGenerator(Generator):
     """CTF: an AR model over k-means coarse labels plus a one-pass auxiliary model for the fine labels.
 
@@ -82,6 +80,7 @@ class CoarseToFineGenerator(Generator):
 
     family = "ctf"
     token_kind = "discrete"
+    default_sampler = "coarse_to_fine"
 
     @register_config
     def __init__(self, vocab_size: int = 16384, num_clusters: int = 512, num_classes: int = 1000,
@@ -153,7 +152,8 @@ class CoarseToFineGenerator(Generator):
         self.codebook_sha256.copy_(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8))
         return self
 
-    def _require_clusters(self) -> None:
+    def require_clusters(self) -> None:
+        """Raise a ``RuntimeError`` unless the codeword -> cluster map is fitted (needed to train and sample)."""
         if not self.has_clusters:
             raise RuntimeError("this CTF model has no coarse labels yet: call fit_clusters(tokenizer) (k-means over "
                                "its codebook) before training, or load a saved model that carries them")
@@ -161,7 +161,7 @@ class CoarseToFineGenerator(Generator):
     def check_tokenizer(self, tokenizer) -> None:
         """Kind, vocabulary size, and the codebook hash the clusters were built on must all match."""
         super().check_tokenizer(tokenizer)
-        self._require_clusters()
+        self.require_clusters()
         cb = tokenizer_codebook(tokenizer)
         if cb.shape[0] != self.vocab_size:
             raise ValueError(f"the tokenizer has {cb.shape[0]} codewords but this CTF model predicts "
@@ -183,7 +183,7 @@ class CoarseToFineGenerator(Generator):
 
     def coarse_labels(self, tokens: torch.Tensor) -> torch.Tensor:
         """Fine token ids (any shape) -> their coarse labels (same shape) in ``[0, num_clusters)``."""
-        self._require_clusters()
+        self.require_clusters()
         check_tokens(tokens, self.vocab_size)
         return self.cluster_map[tokens]
 
@@ -250,7 +250,7 @@ class CoarseToFineGenerator(Generator):
 
         With ``return_rank`` also ``LongTensor [V]``: each codeword's column in its cluster's row.
         """
-        self._require_clusters()
+        self.require_clusters()
         cmap = self.cluster_map
         order = torch.argsort(cmap, stable=True)  # codewords grouped by cluster, ascending id inside
         counts = torch.bincount(cmap, minlength=self.num_clusters)
@@ -264,72 +264,27 @@ class CoarseToFineGenerator(Generator):
         rank[order] = rank_sorted
         return table, rank
 
-    @torch.no_grad()
-    def sample_fine(self, coarse: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    cfg_scale: float = 1.0) -> torch.Tensor:
-        """Stage 2: draw every fine label of ``coarse [B, N]`` at once -> ``LongTensor [B, N]``.
+    def fine_scores(self, coarse: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw auxiliary scores of the fine-label candidates of ``coarse [B, N]`` given labels ``[B]`` (the
+        null class ``num_classes`` allowed): ``(logits [B, N, K] float32, ids)``.
 
-        CFG (``cfg_scale != 1``) mixes the auxiliary logits with those of the null class, then
-        temperature, top-k and top-p apply (LlamaGen order) and one multinomial draw per position.
-        With ``restrict_to_cluster`` the draw runs over the codewords of the position's cluster only
-        (the logits are gathered into a ``[B, N, K_max]`` table, padding at ``-inf``): the same
-        distribution as masking the full vocabulary, at a fraction of the softmax/sampling cost.
+        With ``restrict_to_cluster`` the candidates are the codewords of each position's cluster:
+        ``ids [B, N, K_max]`` (ascending, ``-1`` = padding; the logits there are finite filler that the
+        sampler masks with ``-inf`` *after* guidance). Otherwise ``ids`` is ``None`` and column ``j`` is
+        codeword ``j`` (``K = V``). One auxiliary pass, no drawing: sampling is
+        :class:`~visar.samplers.coarse_to_fine.CoarseToFineSampler`'s job.
         """
-        B, N = coarse.shape
-        table = self.member_table() if self.restrict_to_cluster else None
-        rows = max(1, FINE_CHUNK_ELEMENTS // (N * self.vocab_size * (2 if cfg_scale != 1.0 else 1)))
-        out = []
-        for s in range(0, B, rows):
-            c, y = coarse[s: s + rows], labels[s: s + rows]
-            idx = table[c] if table is not None else None  # [r, N, K_max] codeword ids, -1 = padding
+        logits = self.aux(coarse, labels)  # [B, N, V]
+        if not self.restrict_to_cluster:
+            return logits, None
+        ids = self.member_table()[coarse]  # [B, N, K_max] codeword ids, -1 = padding
+        return logits.gather(-1, ids.clamp_min(0)), ids
 
-            def scores(lab: torch.Tensor) -> torch.Tensor:
-                logits = self.aux(c, lab)  # [r, N, V]
-                return logits if idx is None else logits.gather(-1, idx.clamp_min(0))
-
-            logits = scores(y)
-            if cfg_scale != 1.0:
-                logits = cfg_mix(logits, scores(torch.full_like(y, self.num_classes)), cfg_scale)
-            if idx is not None:
-                logits = logits.masked_fill(idx < 0, float("-inf"))
-            check_finite(logits, "CTF fine-label sampling")
-            probs = process_logits(logits, temperature, top_k, top_p).softmax(-1)
-            pick = sample_categorical(probs, generator)  # [r, N]
-            out.append(pick if idx is None else idx.gather(-1, pick[..., None])[..., 0])
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def sample(self, cond: Condition, generator: torch.Generator | None = None, cfg_scale: float = 1.0,
-               temperature_coarse: float = 1.0, temperature_fine: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               top_k_fine: int = 0, top_p_fine: float = 1.0, cfg_scale_fine: float = 1.0,
-               **coarse_options) -> torch.Tensor:
-        """Fine token ids ``LongTensor [B, grid, grid]`` for every row of ``cond``.
-
-        Args:
-            cond: class labels ``[B]`` in ``[0, num_classes)``.
-            generator: the only source of randomness (coarse draws, then the fine draw).
-            cfg_scale, temperature_coarse, top_k, top_p: the coarse AR stage (LlamaGen conventions).
-            temperature_fine, top_k_fine, top_p_fine, cfg_scale_fine: the one-pass fine stage.
-            coarse_options: passed to the stage-1 sampler (e.g. ``cfg_interval``).
-        """
-        if "temperature" in coarse_options:
-            raise TypeError("CTF has two temperatures: pass temperature_coarse= (AR stage) and/or "
-                            "temperature_fine= (auxiliary stage) instead of temperature=")
-        check_sampling_args(cfg_scale, temperature_coarse, top_k, top_p)
-        check_sampling_args(cfg_scale_fine, temperature_fine, top_k_fine, top_p_fine)
-        self.check_condition(cond)
-        self._require_clusters()
+    def check_condition(self, cond: Condition) -> None:
+        """Class ids in ``[0, num_classes)`` (CTF models are class-conditional)."""
         if cond.labels is None:
             raise ValueError("CTF models are class-conditional: give class labels")
-        coarse = self.coarse.sample(cond, generator=generator, cfg_scale=cfg_scale, temperature=temperature_coarse,
-                                    top_k=top_k, top_p=top_p, **coarse_options)
-        B = cond.batch_size
-        coarse = coarse.reshape(B, -1).long()
-        fine = self.sample_fine(coarse, cond.labels, generator, temperature_fine, top_k_fine, top_p_fine,
-                                cfg_scale_fine)
-        return fine.reshape(B, self.grid_size, self.grid_size)
-
+        super().check_condition(cond)
 
 
 _C = "visar.generators.coarse_to_fine:CoarseToFineGenerator"

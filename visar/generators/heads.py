@@ -2,25 +2,22 @@
 
 Two heads share one interface (``N`` tokens of ``C`` channels, conditioning width ``D``):
 
-* ``loss(target [N, C], z [N, D], mask=None, generator=None) -> scalar``
-* ``sample(z, steps=None, cfg=1.0, temperature=1.0, generator=None, final_noise=False,
-  return_density=False, noise=None) -> [N, C]`` (or a :class:`HeadSample` with the last step's density).
+* ``loss(target [N, C], z [N, D], mask=None, generator=None) -> scalar``;
+* ``kind`` (``"diffusion"`` or ``"flow"``), ``token_dim``, ``num_sampling_steps`` (default step count),
+  ``resolve_steps(steps, temperature)`` (validated step count);
+* **one** denoising step: :meth:`DiffusionHead.step_gaussian` (a reverse step's Gaussian) and
+  :meth:`FlowHead.solver_step` (one Euler / Heun step of the velocity ODE).
 
-With guidance (``cfg != 1``) ``z`` stacks ``[cond; uncond]`` (``2N`` rows) and ``N`` tokens come back,
-the convention of MAR (guidance is applied to the noise / velocity prediction only).
+The chain (start noise, the loop over steps, the noise draws, the last step's density) is driven by
+:mod:`visar.samplers.heads` (``sample_head(head, z, ...)``), so samplers can share a trajectory between
+two heads or stop before the last step (continuous speculative decoding, ``design/samplers.md`` §2).
+
+With guidance ``z`` stacks ``[cond; uncond]`` (``2N`` rows) and ``N`` tokens come back, the convention
+of MAR (guidance is applied to the noise / velocity prediction only).
 
 :class:`DiffusionHead` is MAR's DiffLoss (``SimpleMLPAdaLN`` + improved-DDPM, eps prediction, learned-range
-variance, cosine schedule, respaced sampling) and reproduces the official random-number consumption:
-the starting noise is drawn first (``N`` rows, duplicated under guidance), then one full-batch draw per
-denoising step, including the last one where the official sampler multiplies it by zero.
-Temperature scales only the per-step noise.
-
-For continuous speculative decoding (``design/samplers.md`` section 2) the last step is exposed as an
-explicit Gaussian ``N(mean, std^2)`` (``return_density=True``), ``final_noise=True`` keeps that step's
-noise (the official sampler drops it, which makes the token law a point mass given the trajectory),
-and ``noise=HeadNoise(...)`` replaces the random draws so two heads can share a trajectory;
-:meth:`DiffusionHead.step_gaussian` gives one reverse step's ``(mean, std)`` for samplers that run the
-chain themselves.
+variance, cosine schedule, respaced sampling). :class:`HeadSample` (tokens and the last step's Gaussian)
+and :class:`HeadNoise` (explicit trajectory noise) are the data the chain driver exchanges.
 
 ``x0_clip`` (:class:`DiffusionHead`, a visar option, off by default): clamp the predicted clean token to
 ``[-x0_clip, x0_clip]`` before the posterior mean of every reverse step (ADM's ``clip_denoised`` with a
@@ -34,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -96,21 +94,16 @@ def check_x0_clip_for_head(head: str, x0_clip) -> None:
         raise ValueError(f"x0_clip applies to the diffusion head only; leave it None with head={head!r}")
 
 
-def head_sample_options(head: nn.Module, x0_clip=MODEL_X0_CLIP) -> dict:
-    """Validate a generator's per-call ``x0_clip`` and return the extra ``head.sample`` kwargs it means.
-
-    A :class:`DiffusionHead` gets ``{"x0_clip": x0_clip}``; any other head takes no value (``"model"`` or
-    ``None`` give ``{}``, a number raises ``ValueError``).
-    """
+def check_head_x0_clip(head: nn.Module, x0_clip=MODEL_X0_CLIP) -> None:
+    """Validate a per-call ``x0_clip`` for ``head``: a :class:`DiffusionHead` takes ``"model"``, ``None`` or
+    a number > 0; any other head only ``"model"`` or ``None`` (a number raises ``ValueError``)."""
     check_x0_clip(x0_clip, allow_model=True)
-    if isinstance(head, DiffusionHead):
-        return {"x0_clip": x0_clip}
-    if not (isinstance(x0_clip, str) or x0_clip is None):
+    if getattr(head, "kind", None) != "diffusion" and not (isinstance(x0_clip, str) or x0_clip is None):
         raise ValueError(f"x0_clip applies to the diffusion head only; this model has a {type(head).__name__}")
-    return {}
 
 
 def check_head_args(steps: int, temperature: float, max_steps: int, min_steps: int = 1) -> None:
+    """``steps`` an integer in ``[min_steps, max_steps]`` and ``temperature > 0``, else ``ValueError``."""
     if not isinstance(steps, int) or not 1 <= steps <= max_steps:
         raise ValueError(f"the number of head sampling steps must be an integer in [1, {max_steps}], got {steps!r}")
     if steps < min_steps:
@@ -208,7 +201,9 @@ class SimpleMLPAdaLN(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- shared
-def _split_guided(z: torch.Tensor, cfg, guided: bool | None) -> tuple[bool, int]:
+def split_guided(z: torch.Tensor, cfg, guided: bool | None) -> tuple[bool, int]:
+    """``(guided, N)`` of head conditioning ``z [R, D]``: guided iff ``guided`` (default ``cfg != 1``),
+    then ``R = 2N`` rows ``[cond; uncond]`` (an odd ``R`` raises), else ``N = R``."""
     if z.dim() != 2:
         raise ValueError(f"head conditioning z must be [N, D], got {tuple(z.shape)}")
     g = (not bool(cfg == 1.0)) if guided is None else guided
@@ -217,7 +212,8 @@ def _split_guided(z: torch.Tensor, cfg, guided: bool | None) -> tuple[bool, int]
     return g, (z.shape[0] // 2 if g else z.shape[0])
 
 
-def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def randn_as(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal draws of ``shape`` on ``like``'s device and dtype, from ``generator``."""
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
@@ -255,7 +251,7 @@ class DiffusionHead(nn.Module):
         num_train_steps: base schedule length (1000).
         grad_checkpointing: recompute blocks in the backward pass.
         x0_clip: default clamp of the predicted clean token, ``None`` (the official sampler, bit-identical
-            to MAR) or a finite number > 0; :meth:`sample` and :meth:`step_gaussian` can override it per call.
+            to MAR) or a finite number > 0; ``sample_head`` and :meth:`step_gaussian` can override it per call.
 
     Why ``x0_clip``: every reverse step predicts the clean token
     ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` and forms the posterior mean from it. The cosine
@@ -269,6 +265,8 @@ class DiffusionHead(nn.Module):
     std (5.0 for latents scaled to ~unit std). Training (:meth:`loss`) never clips.
     """
 
+    kind: ClassVar[str] = "diffusion"
+
     def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 6,
                  num_sampling_steps: int = 100, num_train_steps: int = 1000, grad_checkpointing: bool = False,
                  x0_clip: float | None = None):
@@ -278,6 +276,13 @@ class DiffusionHead(nn.Module):
         self.token_dim, self.num_train_steps, self.num_sampling_steps = token_dim, num_train_steps, num_sampling_steps
         self.x0_clip = None if x0_clip is None else float(x0_clip)
         self.net = SimpleMLPAdaLN(token_dim, width, 2 * token_dim, cond_dim, depth, grad_checkpointing)
+
+    def resolve_steps(self, steps: int | None = None, temperature: float = 1.0) -> int:
+        """The respaced step count of a chain (``None``: ``num_sampling_steps``), validated: an integer in
+        ``[2, num_train_steps]``; ``temperature`` must be > 0."""
+        steps = self.num_sampling_steps if steps is None else steps
+        check_head_args(steps, float(temperature), self.num_train_steps, min_steps=2)
+        return steps
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Raw network output ``[N, 2C]``: predicted noise and the variance interpolation ``v``."""
@@ -299,7 +304,7 @@ class DiffusionHead(nn.Module):
         sch = get_schedule(self.num_train_steps, None)
         n = target.shape[0]
         t = torch.randint(0, self.num_train_steps, (n,), generator=generator, device=target.device)
-        noise = _randn(target.shape, target, generator)
+        noise = randn_as(target.shape, target, generator)
         x_t = sch.at("sqrt_alphas_cumprod", t) * target + sch.at("sqrt_one_minus_alphas_cumprod", t) * noise
         out = self.net(x_t, t, z)
         eps, v = out[:, :self.token_dim], out[:, self.token_dim:]
@@ -347,80 +352,29 @@ class DiffusionHead(nn.Module):
     def step_gaussian(self, x: torch.Tensor, index: int, z: torch.Tensor, steps: int | None = None,
                       cfg: float | torch.Tensor = 1.0, guided: bool | None = None,
                       x0_clip: float | None | str = MODEL_X0_CLIP) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Gaussian of one reverse step, for samplers that drive the chain themselves.
+        """The Gaussian of one reverse step (the chain is driven by :func:`visar.samplers.heads.sample_head`).
 
         Args:
             x: ``[R, C]`` current state (``R = 2N`` rows ``[cond; uncond]`` when guided; the conditional
-                half's state is used for both halves, as in :meth:`sample`).
+                half's state is used for both halves).
             index: respaced step ``i`` in ``[0, steps)``, run from ``steps - 1`` down to 0 (0 = last step).
-            z, steps, cfg, guided, x0_clip: as :meth:`sample` (``x0_clip`` defaults to the head's own).
+            z: ``[R, D]`` conditioning, ``[cond; uncond]`` when guided.
+            steps: respaced step count (default ``num_sampling_steps``), in ``[2, num_train_steps]``.
+            cfg: guidance scale on the predicted noise (a float or a one-element tensor); 1 = none.
+            guided: force the row layout (default: guided iff ``cfg != 1``).
+            x0_clip: ``"model"`` (default: the head's own), ``None`` (no clipping, the official sampler) or
+                a finite number > 0 (clamp the predicted clean token to ``[-x0_clip, x0_clip]``).
 
         Returns:
-            ``(mean, std)`` each ``[R, C]``, un-tempered: ``x_next = mean + temperature * std * noise``.
+            ``(mean, std)`` each ``[R, C]``, un-tempered: ``x_next = mean + std * noise * temperature``.
         """
-        steps = self.num_sampling_steps if steps is None else steps
-        check_head_args(steps, 1.0, self.num_train_steps, min_steps=2)
+        steps = self.resolve_steps(steps)
         if not 0 <= index < steps:
             raise ValueError(f"index must be in [0, {steps}), got {index}")
         clip = self.resolve_x0_clip(x0_clip)
-        g, _ = _split_guided(z, cfg, guided)
+        g, _ = split_guided(z, cfg, guided)
         mean, logvar = self._reverse_step(get_schedule(self.num_train_steps, steps), x, index, z, cfg, g, clip)
         return mean, torch.exp(0.5 * logvar)
-
-    @torch.no_grad()
-    def sample(self, z: torch.Tensor, steps: int | None = None, cfg: float | torch.Tensor = 1.0,
-               temperature: float = 1.0, generator: torch.Generator | None = None, final_noise: bool = False,
-               return_density: bool = False, noise: HeadNoise | None = None,
-               guided: bool | None = None, x0_clip: float | None | str = MODEL_X0_CLIP) -> torch.Tensor | HeadSample:
-        """Ancestral sampling of one token per conditioning row.
-
-        Args:
-            z: ``[N, D]``, or ``[2N, D]`` = ``[cond; uncond]`` when guided.
-            steps: respaced step count (default ``num_sampling_steps``).
-            cfg: guidance scale on the predicted noise (a float or 0-dim tensor); 1 disables guidance.
-            temperature: multiplies the per-step noise (not the starting noise); > 0.
-            generator: source of every random draw (official order, see the module docstring).
-            final_noise: keep the noise of the last step (the official sampler drops it).
-            return_density: return a :class:`HeadSample` with the last step's Gaussian.
-            noise: explicit randomness (:class:`HeadNoise`); ``generator`` is then unused.
-            guided: force the row layout (default: guided iff ``cfg != 1``).
-            x0_clip: clamp of the predicted clean token at every step: ``"model"`` (default) = the head's
-                constructor setting, ``None`` = no clipping (the official sampler), a finite number > 0 =
-                clamp to ``[-x0_clip, x0_clip]`` (see the class docstring).
-
-        Returns:
-            tokens ``[N, C]`` (the conditional half under guidance), or a :class:`HeadSample`.
-        """
-        steps = self.num_sampling_steps if steps is None else steps
-        check_head_args(steps, float(temperature), self.num_train_steps, min_steps=2)
-        clip = self.resolve_x0_clip(x0_clip)
-        g, n = _split_guided(z, cfg, guided)
-        sch = get_schedule(self.num_train_steps, steps)
-        C = self.token_dim
-        if noise is not None:
-            if noise.start.shape != (n, C) or noise.steps.shape != (steps, n, C):
-                raise ValueError(f"noise must hold start [{n}, {C}] and steps [{steps}, {n}, {C}]; got "
-                                 f"{tuple(noise.start.shape)} and {tuple(noise.steps.shape)}")
-            x = noise.start.to(z)
-        else:
-            x = _randn((n, C), z, generator)
-        if g:
-            x = torch.cat([x, x], dim=0)
-        mean = std = None
-        for k, i in enumerate(range(steps - 1, -1, -1)):
-            mean, logvar = self._reverse_step(sch, x, i, z, cfg, g, clip)
-            if noise is not None:
-                e = noise.steps[k].to(z)
-                e = torch.cat([e, e], dim=0) if g else e
-            else:
-                e = _randn(x.shape, x, generator)
-            keep = 1.0 if (i > 0 or final_noise) else 0.0
-            std = torch.exp(0.5 * logvar)
-            x = mean + keep * std * e * temperature
-        tokens, mean, std = x[:n], mean[:n], std[:n] * temperature
-        if return_density:
-            return HeadSample(tokens, mean, std)
-        return tokens
 
 
 # ---------------------------------------------------------------------------------------------- flow matching
@@ -438,6 +392,8 @@ class FlowHead(nn.Module):
         final_std: std of the Gaussian put on the last step (0 = deterministic endpoint); what continuous
             speculative decoding needs when it pairs flow heads.
     """
+
+    kind: ClassVar[str] = "flow"
 
     def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 6,
                  num_sampling_steps: int = 50, solver: str = "euler", final_std: float = 0.0,
@@ -464,49 +420,47 @@ class FlowHead(nn.Module):
                              f"{tuple(target.shape)}, z {tuple(z.shape)}")
         n = target.shape[0]
         t = torch.rand(n, generator=generator, device=target.device, dtype=target.dtype)
-        x0 = _randn(target.shape, target, generator)
+        x0 = randn_as(target.shape, target, generator)
         x_t = t[:, None] * target + (1 - t[:, None]) * x0
         loss = ((self(x_t, t, z) - (target - x0)) ** 2).mean(dim=1)
         if mask is not None:
             return (loss * mask).sum() / mask.sum()
         return loss.mean()
 
-    def _velocity(self, x, t: float, z, cfg, g: bool) -> torch.Tensor:
+    def resolve_steps(self, steps: int | None = None, temperature: float = 1.0) -> int:
+        """ODE step count of a chain (``None``: ``num_sampling_steps``), validated (an integer >= 1);
+        ``temperature`` must be > 0."""
+        steps = self.num_sampling_steps if steps is None else steps
+        check_head_args(steps, float(temperature), 10 ** 6)
+        return steps
+
+    @staticmethod
+    def time_grid(steps: int) -> list[float]:
+        """The uniform grid ``t_0 = 0 < ... < t_steps = 1`` the solver steps between (``steps + 1`` floats)."""
+        return [float(t) for t in np.linspace(0.0, 1.0, steps + 1)]
+
+    @torch.no_grad()
+    def velocity(self, x: torch.Tensor, t: float, z: torch.Tensor, cfg: float | torch.Tensor = 1.0,
+                 guided: bool = False) -> torch.Tensor:
+        """Velocity ``[N, C]`` of tokens ``x [N, C]`` at time ``t``; guided: ``z [2N, D]`` = ``[cond; uncond]``
+        and ``v_u + cfg (v_c - v_u)`` (the tokens are shared by both halves)."""
         tt = torch.full((z.shape[0],), t, device=z.device, dtype=x.dtype)
-        if not g:
+        if not guided:
             return self(x, tt, z)
         v = self(torch.cat([x, x], dim=0), tt, z)
         vc, vu = v.chunk(2, dim=0)
         return cfg_mix(vc, vu, cfg)
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, steps: int | None = None, cfg: float | torch.Tensor = 1.0,
-               temperature: float = 1.0, generator: torch.Generator | None = None, final_noise: bool = False,
-               return_density: bool = False, noise: HeadNoise | None = None,
-               guided: bool | None = None) -> torch.Tensor | HeadSample:
-        """ODE sampling of one token per conditioning row (same arguments as :meth:`DiffusionHead.sample`;
-        ``noise.steps`` holds ``[S, N, C]`` of which only the last step is used, with ``final_noise``)."""
-        steps = self.num_sampling_steps if steps is None else steps
-        check_head_args(steps, float(temperature), 10 ** 6)
-        g, n = _split_guided(z, cfg, guided)
-        C = self.token_dim
-        x = (noise.start.to(z) if noise is not None else _randn((n, C), z, generator)) * temperature
-        ts = np.linspace(0.0, 1.0, steps + 1)
-        for k in range(steps):
-            t0, t1 = float(ts[k]), float(ts[k + 1])
-            v = self._velocity(x, t0, z, cfg, g)
-            if self.solver == "heun":
-                x1 = x + (t1 - t0) * v
-                v = 0.5 * (v + self._velocity(x1, t1, z, cfg, g))
-            x = x + (t1 - t0) * v
-        mean = x
-        std = torch.full_like(mean, self.final_std * temperature)
-        if final_noise and self.final_std > 0:
-            e = noise.steps[-1].to(z) if noise is not None else _randn(mean.shape, mean, generator)
-            x = mean + std * e
-        if return_density:
-            return HeadSample(x, mean, std)
-        return x
+    def solver_step(self, x: torch.Tensor, t0: float, t1: float, z: torch.Tensor, cfg: float | torch.Tensor = 1.0,
+                    guided: bool = False) -> torch.Tensor:
+        """One Euler (or Heun) step of ``dx/dt = v`` from ``t0`` to ``t1``: ``x [N, C] -> [N, C]`` (``z`` and
+        guidance as :meth:`velocity`)."""
+        v = self.velocity(x, t0, z, cfg, guided)
+        if self.solver == "heun":
+            x1 = x + (t1 - t0) * v
+            v = 0.5 * (v + self.velocity(x1, t1, z, cfg, guided))
+        return x + (t1 - t0) * v
 
 
 HEADS = {"diffusion": DiffusionHead, "flow": FlowHead}
@@ -520,5 +474,5 @@ def build_head(kind: str, **kwargs) -> nn.Module:
 
 
 __all__ = ["DiffusionHead", "FlowHead", "HeadSample", "HeadNoise", "SimpleMLPAdaLN", "build_head",
-           "check_x0_clip", "check_x0_clip_for_head", "head_sample_options", "MODEL_X0_CLIP", "normal_kl",
-           "discretized_gaussian_log_likelihood"]
+           "check_x0_clip", "check_x0_clip_for_head", "check_head_x0_clip", "check_head_args", "split_guided",
+           "randn_as", "MODEL_X0_CLIP", "normal_kl", "discretized_gaussian_log_likelihood"]

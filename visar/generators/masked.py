@@ -13,10 +13,10 @@ models ``p(token | z)``.
 * Decoder: ``decoder_embed``, scatter back with ``mask_token`` at masked positions, learned positions,
   ViT blocks, LayerNorm, drop the buffer, add ``diffusion_pos_embed_learned`` -> ``z [B, L, D]``.
 * The null class (CFG) is the separate parameter ``fake_latent``; label id ``num_classes`` selects it.
-* Sampling (``sample_tokens`` of the official code): ``num_iter`` steps over a random order; after step
-  ``s`` ``floor(L cos(pi/2 (s+1)/num_iter))`` tokens stay masked (clamped to ``[1, remaining-1]``; the last
-  step predicts every remaining token); the *last* entries of an order are generated first. Guidance
-  ``constant`` or ``linear`` (``1 + (cfg-1) (L - mask_len) / L`` with the post-step ``mask_len``).
+* Step protocol (:class:`~visar.generators.protocol.MaskedModel`): ``start(cond, guided)`` embeds the
+  classes of the ``R`` rows, ``step(state, tokens, mask) -> z [R, L, D]``, ``to_latents(tokens)``. The
+  official ``sample_tokens`` loop (random order, cosine mask schedule, constant or linear guidance, the
+  head chain) is :class:`visar.samplers.masked.MaskedSampler`, the family's default sampler.
 * Training: one truncated-normal mask ratio per batch in ``[mask_ratio_min, 1]`` (mean 1, std 0.25),
   labels dropped to the null class with probability ``label_drop_prob``, the head loss on masked
   positions with every token repeated ``diffusion_batch_mul`` times.
@@ -27,19 +27,21 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from visar.generators.base import Condition, Generator
-from visar.generators.heads import MODEL_X0_CLIP, DiffusionHead, FlowHead, check_x0_clip_for_head, head_sample_options
+from visar.generators.heads import DiffusionHead, FlowHead, check_x0_clip_for_head
+from visar.generators.protocol import StepState
 from visar.nn.attention import Attention
 from visar.nn.mlp import GeluMlp
+from visar.registry import register
 from visar.utils.config import register_config
-from visar.utils.validation import check_labels, check_sampling_args
-from visar.zoo import Preset
+from visar.utils.validation import check_labels
+from visar.registry import Preset
 
 log = logging.getLogger("visar")
 
@@ -109,6 +111,28 @@ def truncated_normal_ratio(low: float, generator: torch.Generator | None, device
     return float((1.0 + 0.25 * x).clamp(low, 1.0))
 
 
+@dataclass
+class MaskedState(StepState):
+    """What :meth:`MaskedGenerator.start` prepares: the class embeddings of the ``R`` rows.
+
+    Attributes:
+        batch, guided: as :class:`~visar.generators.protocol.StepState`.
+        emb: ``[R, D]`` class embeddings, ``[cond; fake_latent]`` when guided.
+    """
+
+    emb: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Float type of the tokens a sampler builds (the model's)."""
+        return self.emb.dtype
+
+
+@register("family", "mar")
 class MaskedGenerator(Generator):
     """MAR (class-conditional, continuous tokens). Argument names follow the official ``MAR`` class.
 
@@ -136,6 +160,7 @@ class MaskedGenerator(Generator):
 
     family = "mar"
     token_kind = "continuous"
+    default_sampler = "masked"
 
     @register_config
     def __init__(self, img_size: int = 256, vae_stride: int = 16, patch_size: int = 1,
@@ -158,6 +183,7 @@ class MaskedGenerator(Generator):
         self.grid = img_size // vae_stride // patch_size
         self.seq_len = self.grid ** 2
         self.token_embed_dim = vae_embed_dim * patch_size ** 2
+        self.num_tokens, self.token_dim = self.seq_len, self.token_embed_dim  # the MaskedModel protocol's names
         self.num_classes = class_num
         self.buffer_size = buffer_size
         self.mask_ratio_min, self.label_drop_prob = mask_ratio_min, label_drop_prob
@@ -323,93 +349,32 @@ class MaskedGenerator(Generator):
         weight = mask.reshape(B * L).repeat(m).to(z.dtype)
         return self.head.loss(target, z, weight, generator=generator)
 
-    # ------------------------------------------------------------------ sampling
-    def check_sample_args(self, num_iter: int, cfg: float, cfg_schedule: str, temperature: float,
-                          num_sampling_steps: int | None, x0_clip=MODEL_X0_CLIP) -> dict:
-        """Validate :meth:`sample`'s options; returns the extra ``head.sample`` kwargs (``x0_clip``)."""
-        if not isinstance(num_iter, int) or not 1 <= num_iter <= self.seq_len:
-            raise ValueError(f"num_iter must be an integer in [1, {self.seq_len}] (the number of tokens); "
-                             f"got {num_iter!r}")
-        check_sampling_args(cfg_scale=cfg, temperature=temperature)
-        if cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
-        if num_sampling_steps is not None and (not isinstance(num_sampling_steps, int) or num_sampling_steps < 1):
-            raise ValueError(f"num_sampling_steps (diffusion steps of the head) must be an integer >= 1, got "
-                             f"{num_sampling_steps!r}")
-        return head_sample_options(self.head, x0_clip)
-
-    @torch.no_grad()
-    def sample(self, cond: Condition, generator: torch.Generator | None = None, num_iter: int = 64,
-               cfg: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
-               num_sampling_steps: int | None = None, orders: torch.Tensor | None = None, order_rng=None,
-               final_noise: bool = False, progress: bool = False, cfg_scale: float | None = None,
-               stats: dict | None = None, x0_clip: float | None | str = MODEL_X0_CLIP) -> torch.Tensor:
-        """Official ``sample_tokens``: latents ``[B, C, h, w]`` for the labels of ``cond``.
-
-        Args:
-            cond: class labels ``[B]``.
-            generator: torch generator for the head's noise (and the orders if neither ``orders`` nor
-                ``order_rng`` is given).
-            num_iter: number of AR steps (1..L).
-            cfg: guidance scale (1 = none); ``cfg_scale`` is an alias.
-            cfg_schedule: ``"linear"`` or ``"constant"``.
-            temperature: head temperature (scales the per-step noise).
-            num_sampling_steps: head diffusion steps (default: the model's, 100).
-            orders: ``LongTensor [B, L]`` explicit generation orders (last entries first).
-            order_rng: int seed / ``np.random.RandomState`` / ``np.random.Generator`` for official-compatible
-                orders (the official run: ``np.random.seed(0)`` -> ``order_rng=0``).
-            final_noise: keep the head's last-step noise (see :mod:`visar.generators.heads`).
-            x0_clip: clamp of the diffusion head's predicted clean token: ``"model"`` (default) = the
-                model's ``x0_clip``, ``None`` = no clipping (official sampler), a number > 0 = that range.
-            stats: optional dict filled with ``rows_per_step`` and ``cfg_per_step``.
-        """
-        if cfg_scale is not None:
-            cfg = cfg_scale
-        head_opts = self.check_sample_args(num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, x0_clip)
+    # ------------------------------------------------------------------ step protocol
+    def start(self, cond: Condition, guided: bool = False) -> MaskedState:
+        """Class embeddings of the ``R`` rows: ``[B, D]``, or ``[2B, D]`` = ``[cond; fake_latent]`` when ``guided``."""
+        if not isinstance(guided, bool):
+            raise TypeError(f"guided must be a bool (rows [cond; null] or not), got {type(guided).__name__}")
         self.check_condition(cond)
-        labels = cond.labels
-        dev = self.fake_latent.device
-        B, L = labels.shape[0], self.seq_len
-        if orders is None:
-            if order_rng is not None:
-                orders = numpy_orders(B, L, order_rng)
-            else:
-                orders = torch.stack([torch.randperm(L, generator=generator, device=generator.device
-                                                     if generator is not None else "cpu") for _ in range(B)])
-        orders = orders.to(dev)
-        if orders.shape != (B, L):
-            raise ValueError(f"orders must be [B, {L}] = [{B}, {L}], got {tuple(orders.shape)}")
-        guided = cfg != 1.0
-        mask = torch.ones(B, L, dtype=torch.bool, device=dev)
-        tokens = torch.zeros(B, L, self.token_embed_dim, device=dev, dtype=self.fake_latent.dtype)
-        emb = self.class_embedding(labels.to(dev))
+        B = cond.batch_size
+        emb = self.class_embedding(cond.labels.to(self.fake_latent.device))
         if guided:
             emb = torch.cat([emb, self.fake_latent.expand(B, -1)], dim=0)
-        for step in tqdm(range(num_iter), disable=not progress, desc="MAR"):
-            x_in = torch.cat([tokens, tokens], dim=0) if guided else tokens
-            m_in = torch.cat([mask, mask], dim=0) if guided else mask
-            z = self.forward_decoder(self.forward_encoder(x_in, m_in, emb), m_in)  # [B', L, D]
-            remaining = int(mask[0].sum())
-            mask_len = int(np.floor(L * np.cos(math.pi / 2.0 * (step + 1) / num_iter)))
-            mask_len = max(1, min(remaining - 1, mask_len))
-            mask_next = mask_by_order(mask_len, orders)
-            to_pred = mask if step >= num_iter - 1 else mask & ~mask_next
-            mask = mask_next
-            rows = torch.cat([to_pred, to_pred], dim=0) if guided else to_pred
-            z = z[rows]  # (half, image, position ascending)
-            if cfg_schedule == "linear":
-                # float32 tensor arithmetic as in the official code (bit-exact guidance scale)
-                mlen = torch.tensor([float(mask_len)], device=dev)
-                cfg_iter = 1 + (cfg - 1) * (L - mlen) / L
-            else:
-                cfg_iter = cfg
-            new = self.head.sample(z, num_sampling_steps, cfg=cfg_iter, temperature=temperature,
-                                   generator=generator, final_noise=final_noise, guided=guided, **head_opts)
-            if stats is not None:
-                stats.setdefault("rows_per_step", []).append(int(z.shape[0]))
-                stats.setdefault("cfg_per_step", []).append(float(cfg_iter))
-            tokens = tokens.clone()
-            tokens[to_pred] = new.to(tokens.dtype)
+        return MaskedState(batch=B, guided=guided, emb=emb)
+
+    def step(self, state: MaskedState, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Head conditioning ``z [R, L, Dd]`` of every position given ``tokens [B, L, C p^2]`` (masked
+        positions ignored) and ``mask [B, L]`` (True = unknown, the same count in every row); both guidance
+        halves see the same tokens."""
+        B, L, C = state.batch, self.seq_len, self.token_embed_dim
+        if tokens.shape != (B, L, C) or mask.shape != (B, L):
+            raise ValueError(f"tokens must be [{B}, {L}, {C}] and mask [{B}, {L}]; got {tuple(tokens.shape)} and "
+                             f"{tuple(mask.shape)}")
+        if state.guided:
+            tokens, mask = torch.cat([tokens, tokens], dim=0), torch.cat([mask, mask], dim=0)
+        return self.forward_decoder(self.forward_encoder(tokens, mask, state.emb), mask)
+
+    def to_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, L, C p^2]`` tokens -> latents ``[B, C, h, w]`` (:meth:`unpatchify`)."""
         return self.unpatchify(tokens)
 
 
@@ -427,8 +392,8 @@ def _mar(width: int, depth: int, heads: int, dl_d: int, dl_w: int) -> dict:
 
 
 def _eval(cfg: float, fid: float, fid_nocfg: float) -> dict:
-    return {"image_size": 256, "tokenizer": "mar-kl16", "num_iter": 256, "num_sampling_steps": 100,
-            "cfg": cfg, "cfg_schedule": "linear", "temperature": 1.0, "temperature_without_cfg": 0.95,
+    return {"image_size": 256, "tokenizer": "mar-kl16", "num_iter": 256, "num_steps": 100,
+            "cfg_scale": cfg, "cfg_schedule": "linear", "temperature": 1.0, "temperature_without_cfg": 0.95,
             "num_images": 50000, "labels": "balanced (50 per class)", "fid": fid, "fid_without_cfg": fid_nocfg,
             "source": _EVAL_SRC}
 
@@ -447,7 +412,7 @@ PRESETS = {
                 "mlp_ratio": 4.0, "vae_embed_dim": 16, "buffer_size": 8, "diffloss_d": 2, "diffloss_w": 32,
                 "num_sampling_steps": 100, "class_num": 1000},
         paper="tiny MAR of the parity fixtures (8x8 tokens, width 32, 2+2 blocks)",
-        eval={"num_iter": 4, "num_sampling_steps": 100, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0}),
+        eval={"num_iter": 4, "num_steps": 100, "cfg_scale": 3.0, "cfg_schedule": "linear", "temperature": 1.0}),
     # the causal raster-order variant of the MAR paper (visar.generators.next_token_continuous)
     "mar-ar-tiny": Preset(
         cls="visar.generators.next_token_continuous:NextTokenContinuousGenerator",
@@ -455,5 +420,5 @@ PRESETS = {
                 "head_width": 64, "head_depth": 2, "num_sampling_steps": 20},
         paper="causal raster-order continuous AR with diffusion loss (MAR paper, Li et al. 2024, Table 2 'AR'); "
               "tiny visar configuration, no official weights exist",
-        eval={"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "num_sampling_steps": 20}),
+        eval={"cfg_scale": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "num_steps": 20}),
 }

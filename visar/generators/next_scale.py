@@ -19,24 +19,32 @@ per-block offset ``ada_gss``. The head is ``Linear(LN(x)(1+scale)+shift)`` with 
 The model needs the tokenizer's quantizer (codebook + residual convs) to build its inputs from ids;
 pairing it with a tokenizer (:meth:`check_tokenizer`, called by :class:`~visar.pipeline.Pipeline`)
 or :meth:`bind_tokenizer` keeps a non-module reference, as the official code does.
+
+Sampling: the model exposes the :class:`~visar.generators.protocol.NextScaleModel` step protocol
+(:meth:`~NextScaleGenerator.start`, :meth:`~NextScaleGenerator.step`,
+:meth:`~NextScaleGenerator.set_next_input`); the loop (guidance ramp, filters, draws, ``more_smooth``,
+editing, the quantizer's ``f_hat`` accumulation) is :class:`visar.samplers.next_scale.NextScaleSampler`,
+the ``default_sampler`` that ``sample`` delegates to.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from visar.generators.base import Condition, Generator
+from visar.generators.protocol import StepState
 from visar.nn.attention import Attention
 from visar.nn.embeddings import LabelEmbedding
 from visar.nn.kv_cache import CacheState
 from visar.nn.mlp import GeluMlp
 from visar.nn.norms import layer_norm_no_affine
 from visar.utils.config import register_config
-from visar.zoo import Preset
+from visar.registry import Preset, register
 
 SCHEDULE_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 SCHEDULE_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -104,6 +112,44 @@ class NextScaleBlock(nn.Module):
         return x + self.drop_path(self.ffn(h) * gamma2)
 
 
+@dataclass
+class NextScaleState(StepState):
+    """Decoding state of one VAR sample (:class:`~visar.generators.protocol.NextScaleModel` protocol).
+
+    Rows are ``[cond; null]`` (``R = 2B``) when ``guided``, else ``R = B``; ``C`` is the width.
+
+    Attributes:
+        labels: class ids ``[B]`` of the conditional rows.
+        cond_emb: class embeddings ``[R, C]`` (the null class on the unconditional rows).
+        mods: per-block AdaLN modulation, ``depth`` tensors ``[R, 6, C]``.
+        lvl_pos: scale + position embeddings ``[1, L, C]``.
+        x: embedded input of the pending scale, ``[R, pn_k^2, C]``.
+        scale: index ``k`` of the pending scale (``None`` once it has run, until the next input is set).
+        pos: sequence position of ``x``'s first token (``begin_ends[k][0]``).
+        cache: static KV cache over the ``L`` positions; ``None`` in naive mode, where ``prefix`` holds
+            every embedded input so far and each step re-runs all of it (block-causal mask).
+        forward: the cached per-scale function (:meth:`NextScaleGenerator.forward_scale` or its
+            ``torch.compile`` d version).
+    """
+
+    labels: torch.Tensor
+    cond_emb: torch.Tensor
+    mods: list
+    lvl_pos: torch.Tensor
+    x: torch.Tensor
+    scale: int | None = 0
+    pos: int = 0
+    cache: CacheState | None = None
+    prefix: list = field(default_factory=list)
+    forward: Callable | None = None
+
+
+#: ``torch.compile`` d :meth:`NextScaleGenerator.forward_scale` per generator class (the model is an argument,
+#: so nothing is stored on a model: deep copies and state dicts stay plain)
+_COMPILED: dict[type, Callable] = {}
+
+
+@register("family", "var")
 class NextScaleGenerator(Generator):
     """VAR transformer over a multi-scale schedule.
 
@@ -123,6 +169,10 @@ class NextScaleGenerator(Generator):
 
     family = "var"
     token_kind = "multiscale"
+    #: the step protocol emits logits over the codebook (:class:`~visar.generators.protocol.NextScaleModel`)
+    emits: ClassVar[str] = "logits"
+    #: VAR's sampler (CFG ramp, top-k, ascending top-p, ``more_smooth``, editing): ``visar.samplers.next_scale``
+    default_sampler = "next_scale"
 
     @register_config
     def __init__(self, num_classes: int = 1000, vocab_size: int = 4096, token_dim: int = 32,
@@ -309,16 +359,60 @@ class NextScaleGenerator(Generator):
         target = torch.cat(ids, 1)
         return F.cross_entropy(logits.reshape(-1, self.vocab_size), target.reshape(-1))
 
-    # ---- cached step interface (used by visar.samplers.next_scale) --------------------------------------------
-    def start(self, batch: int, dtype: torch.dtype | None = None) -> CacheState:
-        """Preallocate a static cache for ``batch`` rows over the whole sequence ``L``."""
-        p = self.pos_1LC
-        return CacheState(self.depth, batch, self.seq_len, self.num_heads, self.width // self.num_heads,
-                          dtype=dtype or p.dtype, device=p.device)
+    # ---- step protocol (NextScaleModel; the loop is visar.samplers.next_scale) ------------------------------
+    def start(self, cond: Condition | torch.Tensor | Sequence[int], guided: bool = False, *, use_cache: bool = True,
+              compile: bool = False) -> NextScaleState:
+        """State of a sample of class ids ``cond`` (``[B]``, validated) with scale 0's input pending.
 
-    def step(self, cache: CacheState, x: torch.Tensor, mods: list[torch.Tensor], cond_emb: torch.Tensor,
-             pos: int) -> torch.Tensor:
-        """One scale: ``x [B, n, C]`` embedded tokens at positions ``pos:pos+n`` -> logits ``[B, n, V]``.
+        Args:
+            guided: add the null-class rows (``R = 2B``) for classifier-free guidance.
+            use_cache: preallocate a static KV cache over ``L`` positions; ``False`` is the naive mode that
+                re-runs the whole prefix at every scale (same logits up to float error; tests, benchmarks).
+            compile: run each scale through ``torch.compile`` d :meth:`forward_scale` (cached mode only).
+        """
+        if compile and not use_cache:
+            raise ValueError("compile=True compiles the cached per-scale step; it needs use_cache=True")
+        labels = self.labels_of(cond, allow_null=False)
+        all_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
+        cond_emb = self.class_emb(all_labels)  # [R, C]
+        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC  # [1, L, C]
+        x = cond_emb[:, None] + self.pos_start + lvl_pos[:, :self.first_len]  # [R, pn0^2, C]
+        rows = all_labels.shape[0]
+        cache = None
+        if use_cache:
+            cache = CacheState(self.depth, rows, self.seq_len, self.num_heads, self.width // self.num_heads,
+                               dtype=x.dtype, device=x.device)
+        return NextScaleState(batch=labels.shape[0], guided=guided, labels=labels, cond_emb=cond_emb,
+                              mods=self.condition_mods(cond_emb), lvl_pos=lvl_pos, x=x, cache=cache,
+                              forward=self.compiled_forward_scale() if compile else self.forward_scale)
+
+    def step(self, state: NextScaleState, k: int) -> torch.Tensor:
+        """Run scale ``k``'s pending input: logits ``[R, pn_k^2, V]`` (float32) for every row."""
+        if state.scale != k:
+            raise ValueError(f"the state's pending input is for scale {state.scale}, not {k}; after step(state, "
+                             f"{k - 1}) give scale {k}'s input with set_next_input(state, {k}, inputs)")
+        state.scale = None
+        if state.cache is None:
+            state.prefix.append(state.x)
+            return self.forward_prefix(torch.cat(state.prefix, 1), state.mods, state.cond_emb, state.pos)
+        return state.forward(state.cache, state.x, state.mods, state.cond_emb, state.pos)
+
+    def set_next_input(self, state: NextScaleState, k: int, inputs: torch.Tensor) -> None:
+        """Make scale ``k``'s input pending: ``inputs [B, pn_k^2, Cvae]`` is ``area_down(f_hat, pn_k)`` of the
+        codes so far (:meth:`MultiScaleResidualQuantizer.accumulate`), fed to both CFG halves."""
+        if not 1 <= k < len(self.scales) or state.scale is not None:
+            raise ValueError(f"set_next_input(state, {k}, ...): the next input goes to scale 1..{len(self.scales) - 1} "
+                             f"after the previous scale has run (pending: scale {state.scale})")
+        begin, end = self.begin_ends[k]
+        if inputs.shape[1:] != (end - begin, self.token_dim):
+            raise ValueError(f"scale {k} input must be [B, {end - begin}, {self.token_dim}], got {tuple(inputs.shape)}")
+        x = self.word_embed(inputs.to(state.x.dtype)) + state.lvl_pos[:, begin:end]
+        state.x = x.repeat(2, 1, 1) if state.guided else x
+        state.scale, state.pos = k, begin
+
+    def forward_scale(self, cache: CacheState, x: torch.Tensor, mods: list[torch.Tensor], cond_emb: torch.Tensor,
+                      pos: int) -> torch.Tensor:
+        """One cached scale: ``x [R, n, C]`` embedded tokens at positions ``pos:pos+n`` -> logits ``[R, n, V]``.
 
         Keys/values are written into the static cache; queries attend to everything up to ``pos+n``
         (all coarser scales and their own), so no mask is needed.
@@ -328,20 +422,24 @@ class NextScaleGenerator(Generator):
             x = b(x, m, cache=layer, cache_pos=pos, attend_len=pos + n)
         return self.head_logits(x, cond_emb)
 
-    def sample(self, cond: Condition | torch.Tensor | None, generator: torch.Generator | None = None,
-               cfg_scale: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-               **options: Any) -> list[torch.Tensor]:
-        """Per-scale ids ``[B, pn_k, pn_k]`` drawn with VAR's sampler (one cached step per scale).
+    def forward_prefix(self, h: torch.Tensor, mods: list[torch.Tensor], cond_emb: torch.Tensor,
+                       pos: int) -> torch.Tensor:
+        """One naive scale: the whole embedded prefix ``h [R, pos+n, C]`` through every block (block-causal
+        mask) -> logits ``[R, n, V]`` of positions ``pos:``."""
+        end = h.shape[1]
+        mask = self.attn_mask[:end, :end]
+        for b, m in zip(self.blocks, mods):
+            h = b(h, m, mask=mask)
+        return self.head_logits(h[:, pos:], cond_emb)
 
-        ``cfg_scale`` is the guidance at the last scale (linear ramp from 0); ``top_k`` / ``top_p``
-        filter (0 disables; VAR's FID setting is 1.5 / 900 / 0.96); ``more_smooth`` uses Gumbel-softmax
-        soft codes (visualisation only). Other options (``batch``, ``return_fhat``, ``compile``,
-        ``use_cache``, ``record``) are those of :func:`visar.samplers.next_scale.sample`.
-        """
-        from visar.samplers.next_scale import sample
-
-        return sample(self, cond, generator=generator, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
-                      more_smooth=more_smooth, **options)
+    def compiled_forward_scale(self) -> Callable:
+        """:meth:`forward_scale` through ``torch.compile`` (static shapes: one graph per scale), compiled once per
+        class; the returned callable takes the same arguments."""
+        cls = type(self)
+        if cls not in _COMPILED:
+            _COMPILED[cls] = torch.compile(cls.forward_scale, dynamic=False)
+        fn = _COMPILED[cls]
+        return lambda *args: fn(self, *args)
 
 
 def _var(depth: int, scales=SCHEDULE_256, shared_adaln: bool = False) -> dict:
@@ -353,8 +451,10 @@ _PAPER = "Tian et al. 2024, VAR, arXiv 2404.02905 (github.com/FoundationVision/V
 # Evaluation protocol, VAR README ("Sampling & Zero-shot Inference" and the FID table) and paper Sec. 5:
 # FID-50K on ImageNet 256x256 with cfg=1.5 (d16-d24; d30: 1.5 without rejection sampling), top_p=0.96, top_k=900,
 # more_smooth=False; the README quotes "cfg=1.5, top_p=0.96, top_k=900, more_smooth=False" for FID evaluation and
-# the 512 px d36 model uses the same sampler on the 512 schedule.
-_EVAL = dict(cfg_scale=1.5, top_k=900, top_p=0.96, more_smooth=False, num_images=50000, labels="50 per class",
+# the 512 px d36 model uses the same sampler on the 512 schedule. VAR's cfg=c is cfg_scale=1+c in visar (guidance
+# u + s (c - u), 1 = none; VAR ramps t = cfg k/(S-1) and mixes (1+t) c - t u), so official cfg 1.5 is cfg_scale 2.5.
+_EVAL = dict(cfg_scale=2.5, top_k=900, top_p=0.96, more_smooth=False, num_images=50000, labels="50 per class",
+             notes="official cfg 1.5 (VAR's cfg=c is cfg_scale=1+c in visar)",
              source="VAR README, 'Sampling & Zero-shot Inference': cfg=1.5, top_p=0.96, top_k=900, more_smooth=False")
 
 PRESETS = {
@@ -371,5 +471,6 @@ PRESETS = {
     "var-tiny": Preset("visar.generators.next_scale:NextScaleGenerator",
                        dict(num_classes=10, vocab_size=64, token_dim=16, scales=[1, 2, 3, 4], depth=2, width=64,
                             num_heads=2), paper="visar test twin of VAR (64 px, 4 scales)",
-                       eval={"cfg_scale": 1.5, "top_k": 0, "top_p": 0.0, "more_smooth": False, "image_size": 64}),
+                       eval={"cfg_scale": 2.5, "top_k": 0, "top_p": 1.0, "more_smooth": False, "image_size": 64,
+                             "notes": "official cfg 1.5 (VAR's cfg=c is cfg_scale=1+c in visar)"}),
 }

@@ -12,48 +12,32 @@ numerics follow the official code (``OliverRensu/FlowAR``), see ``../shared/fixt
   embedding, block-causal over scales, 2D RoPE with each scale stretched onto the ``S``-grid) give
   ``z [B, L, D]``; the flow head (:mod:`visar.generators.flow_head_transformer`) turns noise into the
   tokens of each scale given ``z`` of that scale.
-* Sampling: per scale an Euler ODE from ``t = 1`` (noise) to ``t = 0`` on the official time grid,
-  float64 state and float32 model calls, a linear CFG ramp over scales and a guidance interval on
-  ``t`` (:func:`euler_time_grid`, :meth:`NextScaleFlowGenerator.sample`).
+* The encoder-decoder is :class:`~visar.generators.adaln_encoder_decoder.AdaLNEncoderDecoder`, shared
+  with xAR.
+* Sampling (:mod:`visar.samplers.next_scale_flow`): per scale an Euler ODE from ``t = 1`` (noise) to
+  ``t = 0`` on the official time grid, float64 state and float32 model calls, a linear CFG ramp over
+  scales and a guidance interval on ``t``. The generator exposes the step protocol
+  (:meth:`NextScaleFlowGenerator.start`, ``step``, ``head_velocity``, ``set_next_input``, ``to_latents``).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visar.generators.adaln_encoder_decoder import AdaLNEncoderDecoder, TrunkState, check_rope_width
 from visar.generators.base import Condition, Generator
-from visar.generators.entities import ScalePyramid, block_causal_mask
+from visar.generators.entities import ScalePyramid
 from visar.generators.flow_head_transformer import FlowHeadTransformer
-from visar.nn.adaln_block import AdaLNBlock
 from visar.nn.embeddings import LabelEmbedding
 from visar.nn.kv_cache import CacheState
-from visar.nn.norms import RMSNorm
-from visar.nn.rope import grid_positions, rope_2d_angles, rope_tables
+from visar.nn.rope import grid_positions
+from visar.registry import Preset, register
 from visar.utils.config import register_config
 from visar.utils.validation import check_labels
-from visar.zoo import Preset
-from visar.nn.guidance import cfg_mix
-
-
-def euler_time_grid(num_steps: int) -> torch.Tensor:
-    """FlowAR's Euler time grid (float64, from 1 = noise down to 0 = data).
-
-    ``cat(linspace(1, 0.3, n // 2), linspace(0.25, 0, n // 2 + 1))`` -- for ``n = 25`` that is 25
-    points, i.e. 24 Euler steps -- except ``n = 50``, which the official sampler special-cases to
-    ``linspace(1, 0, 51)``.
-    """
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 2:
-        raise ValueError(f"num_steps must be an integer >= 2 (FlowAR's grid has n//2 + n//2 + 1 points), "
-                         f"got {num_steps!r}")
-    if num_steps == 50:
-        return torch.linspace(1, 0, 51, dtype=torch.float64)
-    half = num_steps // 2
-    return torch.cat([torch.linspace(1, 0.3, half, dtype=torch.float64),
-                      torch.linspace(0.25, 0, half + 1, dtype=torch.float64)])
 
 
 def tokens_to_map(seq: torch.Tensor) -> torch.Tensor:
@@ -68,8 +52,26 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
-class NextScaleFlowGenerator(Generator):
+@dataclass
+class ScaleFlowState(TrunkState):
+    """Decoding state of :class:`NextScaleFlowGenerator` (rows ``[cond; null]`` when guided).
+
+    Attributes:
+        c: ``[R, D]`` class embeddings (the adaLN condition and the input of scale 0).
+        prefix: ``[R, L, D]`` embedded inputs so far (uncached path only: the whole prefix is re-run per scale).
+        inputs: ``[R, n_k, D]`` embedded input of the scale that :meth:`~NextScaleFlowGenerator.step` runs next.
+    """
+
+    c: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
+
+
+@register("family", "flowar")
+class NextScaleFlowGenerator(AdaLNEncoderDecoder, Generator):
     """FlowAR generator over scaled continuous latents ``[B, in_channels, S, S]`` (``S = scales[-1]``).
+
+    Implements :class:`~visar.generators.protocol.NextScaleModel` (``emits = "condition"``: ``z`` for the
+    flow head); its default sampler is :class:`visar.samplers.next_scale_flow.NextScaleFlowSampler`.
 
     Args:
         num_classes: classes; row ``num_classes`` of the class table is the CFG null class.
@@ -85,6 +87,8 @@ class NextScaleFlowGenerator(Generator):
 
     family = "flowar"
     token_kind = "continuous"
+    emits = "condition"
+    default_sampler = "next_scale_flow"
 
     @register_config
     def __init__(self, num_classes: int = 1000, in_channels: int = 16, scales: tuple[int, ...] = (1, 2, 4, 8, 16),
@@ -96,41 +100,24 @@ class NextScaleFlowGenerator(Generator):
         scales = tuple(int(s) for s in scales)
         if not scales or any(b <= a for a, b in zip(scales, scales[1:])) or scales[0] < 1:
             raise ValueError(f"scales must be strictly increasing positive sides, got {scales}")
-        if width % num_heads or (width // num_heads) % 4:
-            raise ValueError(f"width {width} / {num_heads} heads must give a head dim divisible by 4 (2D RoPE)")
+        check_rope_width(width, num_heads)
         head_num_heads = head_num_heads or max(1, head_width // 64)
-        if head_width % head_num_heads or (head_width // head_num_heads) % 4:
-            raise ValueError(f"head width {head_width} / {head_num_heads} heads must give a head dim divisible by 4")
+        check_rope_width(head_width, head_num_heads, "head width")
         self.num_classes, self.in_channels, self.scales = num_classes, in_channels, scales
         self.latent_side = scales[-1]
         self.pyramid = ScalePyramid(self.latent_side, self.latent_side, list(scales))  # area pyramid of a latent
-        self.width, self.num_heads, self.label_drop_prob = width, num_heads, label_drop_prob
+        self.label_drop_prob = label_drop_prob
         self.seq_len = sum(s * s for s in scales)
-        L, D = self.seq_len, width
 
-        self.class_emb = LabelEmbedding(num_classes, D)
-        self.z_proj = nn.Linear(in_channels, D)
-        self.z_proj_ln = RMSNorm(D, eps=1e-6)
-        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
-        self.encoder_blocks = nn.ModuleList(
-            AdaLNBlock(D, num_heads, mlp_ratio, qkv_bias=True, attn_dropout=attn_dropout, proj_dropout=proj_dropout)
-            for _ in range(encoder_depth))
-        self.encoder_norm = RMSNorm(D, eps=1e-6)
-        self.decoder_embed = nn.Linear(D, D)
-        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
-        self.decoder_blocks = nn.ModuleList(
-            AdaLNBlock(D, num_heads, mlp_ratio, qkv_bias=True, attn_dropout=attn_dropout, proj_dropout=proj_dropout)
-            for _ in range(decoder_depth))
-        self.decoder_norm = RMSNorm(D, eps=1e-6)
-        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
-        self.flownet = FlowHeadTransformer(in_channels, D, head_width, head_depth, head_num_heads,
+        self.class_emb = LabelEmbedding(num_classes, width)
+        self.build_encoder_decoder(in_channels, width, num_heads, self.seq_len, encoder_depth, decoder_depth,
+                                   mlp_ratio, attn_dropout, proj_dropout)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, width))
+        self.flownet = FlowHeadTransformer(in_channels, width, head_width, head_depth, head_num_heads,
                                            cross=head_cross, mlp_ratio=mlp_ratio, rope_grid=self.latent_side)
 
-        self.register_buffer("mask", block_causal_mask([s * s for s in scales]), persistent=False)
         rows, cols = zip(*(grid_positions(s, stretch_to=self.latent_side) for s in scales))
-        cos, sin = rope_tables(rope_2d_angles(torch.cat(rows), torch.cat(cols), D // num_heads))
-        self.register_buffer("rope_cos", cos, persistent=False)  # [L, head_dim/2]
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_layout([s * s for s in scales], torch.cat(rows), torch.cat(cols))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -146,25 +133,6 @@ class NextScaleFlowGenerator(Generator):
         for s in self.scales:
             out.append(out[-1] + s * s)
         return out
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.encoder_blocks) + len(self.decoder_blocks)
-
-    def check_latents(self, latents: torch.Tensor) -> None:
-        """``latents`` must be a float ``[B, in_channels, S, S]`` tensor (scaled KL latents)."""
-        S = self.latent_side
-        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-            raise TypeError(f"latents must be a float tensor [B, {self.in_channels}, {S}, {S}]")
-        if latents.dim() != 4 or tuple(latents.shape[1:]) != (self.in_channels, S, S):
-            raise ValueError(f"latents must have shape [B, {self.in_channels}, {S}, {S}] (scaled KL latents of a "
-                             f"{S * 16}px image for KL-16), got {tuple(latents.shape)}")
-
-    def check_tokenizer(self, tokenizer) -> None:
-        super().check_tokenizer(tokenizer)
-        ch = getattr(tokenizer, "latent_channels", None)
-        if ch is not None and ch != self.in_channels:
-            raise ValueError(f"the tokenizer has {ch} latent channels but this generator models {self.in_channels}")
 
     def next_scale_input(self, prev: torch.Tensor, side: int) -> torch.Tensor:
         """Input map of the next scale: ``[B, C, s, s]`` -> bicubic to ``S x S`` -> area to ``side``."""
@@ -194,18 +162,7 @@ class NextScaleFlowGenerator(Generator):
             ``z [B, n, D]``.
         """
         end = start + x.shape[1]
-        rope = (self.rope_cos[start:end], self.rope_sin[start:end])
-        h = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, start:end])
-        n_enc = len(self.encoder_blocks)
-        for i, blk in enumerate(self.encoder_blocks):
-            h = blk(h, c, rope=rope, mask=mask, cache=cache.layers[i] if cache else None, cache_pos=start,
-                    attend_len=end)
-        h = self.encoder_norm(h)
-        h = self.decoder_embed(h) + self.decoder_pos_embed_learned[:, start:end]
-        for i, blk in enumerate(self.decoder_blocks):
-            h = blk(h, c, rope=rope, mask=mask, cache=cache.layers[n_enc + i] if cache else None, cache_pos=start,
-                    attend_len=end)
-        return self.decoder_norm(h) + self.diffusion_pos_embed_learned[:, start:end]
+        return self.encode_decode(x, c, start, cache, mask) + self.diffusion_pos_embed_learned[:, start:end]
 
     def forward(self, latents: torch.Tensor, labels: torch.Tensor, drop_labels: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -244,99 +201,49 @@ class NextScaleFlowGenerator(Generator):
             total = total + (v - (eps - x)).pow(2).sum()
         return total / (B * self.in_channels * self.latent_side ** 2)
 
-    # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def sample(self, cond: Condition | list | torch.Tensor | int, generator: torch.Generator | None = None,
-               num_steps: int = 25, cfg_scale: float = 4.3, guidance_high: float = 0.9, guidance_low: float = 0.0,
-               use_cache: bool = True, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-        """Draw latents scale by scale.
-
-        Args:
-            cond: class ids (``[B]``) or a :class:`Condition`.
-            generator: ``torch.Generator`` for the noise (CPU generators also work for CUDA models: the
-                noise is drawn on the generator's device, as the official sampler does).
-            num_steps: Euler grid size (:func:`euler_time_grid`; 25 gives 24 steps, 50 gives 50).
-            cfg_scale: classifier-free guidance at the finest scale; scale ``k`` uses
-                ``1 + (cfg_scale - 1) k / (K - 1)``, applied where it is ``> 1`` (as the official sampler
-                does). ``cfg_scale <= 1`` disables guidance and skips the unconditional rows (the official
-                sampler fails at exactly 1).
-            guidance_high, guidance_low: guidance is applied while ``guidance_low <= t <= guidance_high``;
-                before that the conditional and unconditional halves evolve on their own noise.
-            use_cache: keep keys/values of earlier scales in a static cache (``False`` re-runs the
-                whole prefix through the block-causal transformer at every scale; same result).
-            callback: called after each scale with ``{"scale", "latents", "condition", "out", "cfg_scale"}``
-                (noise, z, float64 final state of all rows).
-        Returns:
-            ``[B, C, S, S]`` scaled latents in the model's dtype (decode with the KL tokenizer).
-        """
+    # ------------------------------------------------------------------ step protocol (NextScaleModel)
+    def start(self, cond: Condition, guided: bool = False, use_cache: bool = True) -> ScaleFlowState:
+        """Class embeddings of the ``R`` rows (``[cond; null]`` when ``guided``), an empty static cache over
+        all scales (``use_cache=False``: an embedded prefix re-run at every scale instead) and the input
+        of scale 0 (the class embedding)."""
         cond = Condition.of(cond)
         if cond.labels is None:
             raise ValueError(f"{type(self).__name__} is class-conditional: give class ids, not text features")
-        self.check_condition(cond)
-        grid = euler_time_grid(num_steps)
-        if not math.isfinite(cfg_scale) or cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be a finite number >= 0 (<= 1 disables guidance), got {cfg_scale}")
-        if not (0.0 <= guidance_low <= guidance_high <= 1.0):
-            raise ValueError(f"need 0 <= guidance_low <= guidance_high <= 1, got {guidance_low}, {guidance_high}")
         dev = self.class_emb.embedding_table.weight.device
         labels = cond.labels.to(dev)
-        B, C = labels.shape[0], self.in_channels
-        guided = cfg_scale > 1.0  # official: guidance only for cfg > 1 (at cfg <= 1 the halves never mix)
+        B = labels.shape[0]
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-        rows = labels.shape[0]
-        c = self.class_emb(labels)  # [rows, D]
-        off, K = self.offsets, len(self.scales)
-        cache = (CacheState(self.num_layers, rows, self.seq_len, self.num_heads, self.width // self.num_heads,
-                            dtype=c.dtype, device=dev) if use_cache else None)
-        prefix = c.new_zeros(rows, self.seq_len, self.width)  # embedded inputs, for the uncached path
-        x_in = c[:, None]
-        noise_dev = generator.device if generator is not None else dev
-        out_rows = None
-        for k, s in enumerate(self.scales):
-            start, end = off[k], off[k + 1]
-            if use_cache:
-                z = self.transformer(x_in, c, start, cache=cache)
-            else:
-                prefix[:, start:end] = x_in
-                z = self.transformer(prefix[:, :end], c, mask=self.mask[:end, :end].to(c.dtype))[:, start:]
-            noise = torch.randn(rows, s * s, C, generator=generator, device=noise_dev).to(dev)
-            cfg_k = 1.0 + (cfg_scale - 1.0) * k / max(K - 1, 1)
-            out_rows = self._euler(noise, z, grid, cfg_k, guided, guidance_low, guidance_high)
-            if callback is not None:
-                callback({"scale": k, "latents": noise, "condition": z, "out": out_rows, "cfg_scale": cfg_k})
-            sample_k = out_rows[:B].float()  # [B, s*s, C]
-            if k + 1 < K:
-                nxt = map_to_tokens(self.next_scale_input(tokens_to_map(sample_k), self.scales[k + 1]))
-                x_in = self.z_proj(nxt.to(c.dtype))
-                if guided:
-                    x_in = torch.cat([x_in, x_in])
-        return tokens_to_map(out_rows[:B].to(c.dtype))
+        c = self.class_emb(labels)  # [R, D]
+        R = labels.shape[0]
+        cache = self.new_cache(R, c.dtype, dev) if use_cache else None
+        prefix = None if use_cache else c.new_zeros(R, self.seq_len, self.width)
+        return ScaleFlowState(batch=B, guided=guided, device=dev, cache=cache, inputs=c[:, None], c=c, prefix=prefix)
 
-    def _euler(self, noise: torch.Tensor, z: torch.Tensor, grid: torch.Tensor, cfg: float, guided: bool,
-               low: float, high: float) -> torch.Tensor:
-        """Euler ODE of one scale from ``grid[0]`` to ``grid[-1]``; float64 state, float32 head calls.
+    def step(self, state: ScaleFlowState, k: int) -> torch.Tensor:
+        """Run scale ``k`` on ``state.inputs``: ``z [R, s_k^2, D]``, the flow head's condition."""
+        start, end = self.offsets[k], self.offsets[k + 1]
+        if state.cache is not None:
+            return self.transformer(state.inputs, state.c, start, cache=state.cache)
+        state.prefix[:, start:end] = state.inputs
+        mask = self.mask[:end, :end].to(state.c.dtype)
+        return self.transformer(state.prefix[:, :end], state.c, mask=mask)[:, start:]
 
-        With guidance, rows are ``[cond; uncond]``; inside the interval the head is called on the
-        conditional half twice (``[x_c; x_c]`` with the conditional and unconditional ``z``) and both
-        halves of the state move by ``d_u + cfg (d_c - d_u)``; outside it each half moves on its own.
-        Returns the float64 final state of all rows ``[rows, n, C]``.
-        """
-        x = noise.to(torch.float64)
-        B = x.shape[0] // 2
-        ts = grid.tolist()
-        for t_cur, t_next in zip(ts[:-1], ts[1:]):
-            in_interval = guided and cfg > 1.0 and low <= t_cur <= high
-            # inside the interval the head sees the conditional half twice; the state keeps both halves
-            x_model = torch.cat([x[:B], x[:B]]) if in_interval else x
-            t = torch.full((x.shape[0],), t_cur, dtype=torch.float64, device=x.device).float()
-            d = self.flownet(x_model.to(z.dtype), t, z).double()  # model in its dtype, the rest in float64
-            if in_interval:
-                d_c, d_u = d.chunk(2)
-                d = cfg_mix(d_c, d_u, cfg)
-                d = torch.cat([d, d])
-            x = x + (t_next - t_cur) * d
-        return x
+    def head_velocity(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The flow head: velocity ``[R', n, C]`` of ``x [R', n, C]`` (any float dtype; run in ``z``'s dtype)
+        at flow times ``t [R']`` (float32, ``1`` = noise) given ``z [R', n, D]``."""
+        return self.flownet(x.to(z.dtype), t, z)
+
+    def set_next_input(self, state: ScaleFlowState, k: int, tokens: torch.Tensor) -> None:
+        """Make scale ``k``'s drawn tokens ``[B, s_k^2, C]`` (any float dtype) the input of scale ``k + 1``:
+        bicubic up to ``S x S`` and area down (in float32), ``z_proj``, repeated for both CFG halves."""
+        nxt = map_to_tokens(self.next_scale_input(tokens_to_map(tokens.float()), self.scales[k + 1]))
+        x_in = self.z_proj(nxt.to(state.c.dtype))
+        state.inputs = torch.cat([x_in, x_in]) if state.guided else x_in
+
+    def to_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Finest-scale tokens ``[B, S*S, C]`` -> latents ``[B, C, S, S]`` in the model's dtype."""
+        return tokens_to_map(tokens.to(self.class_emb.embedding_table.weight.dtype))
 
 
 _EVAL_SRC = "FlowAR README (OliverRensu/FlowAR @21835c0), see ../shared/fixtures/flowar/README.md"

@@ -7,60 +7,34 @@ logits head. Image tokens are ``LongTensor [B, h, w]`` (raster order) of a VQ to
 * Teacher forcing: ``generator(tokens, cond) -> logits [B, L, V]``; ``logits[:, i]`` is the
   distribution of image token ``i`` given the condition and tokens ``< i``.
 * Training: ``loss(tokens, cond)`` (cross-entropy, class/caption dropout for CFG).
-* Step interface over a static KV cache (``start`` / ``step`` / ``rewind``) used by
-  :mod:`visar.samplers.autoregressive` and speculative samplers; ``sample`` runs the plain AR loop.
+* Step protocol over a static KV cache (:class:`~visar.generators.protocol.NextTokenModel`: ``start`` /
+  ``step`` / ``rewind`` / ``decode_step``, from :class:`~visar.generators.token_cache_steps.CachedTokenSteps`),
+  emitting raw float32 logits ``[R, n, V]``; samplers drive it. ``sample(cond, generator, **options)``
+  delegates to the default sampler, :class:`~visar.samplers.autoregressive.AutoregressiveSampler`.
 """
 from __future__ import annotations
 
-import functools
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visar.conditions import cat_conditions
 from visar.generators.base import Condition, Generator
 from visar.generators.llama_trunk import CaptionEmbedding, LlamaTrunk, init_llama_weights
+from visar.generators.token_cache_steps import CachedTokenSteps, NextTokenState  # noqa: F401 (re-exported)
 from visar.nn.embeddings import LabelEmbedding
-from visar.nn.kv_cache import CacheState
+from visar.registry import Preset, register
 from visar.utils.config import register_config
 from visar.utils.validation import check_labels, check_tokens
-from visar.zoo import Preset
 
 log = logging.getLogger("visar")
 
 
-@dataclass
-class NextTokenState:
-    """Decoding state of one batch: the static cache and its attention-mask table.
-
-    Attributes:
-        cache: per-layer K/V ``[R, C + L, H, D]`` and per-row committed ``lengths [R]`` (in sequence
-            positions, condition tokens included).
-        mask_table: ``[R or 1, C + L, C + L]`` boolean, who may attend to whom by position.
-        batch: ``B``, the number of images.
-        guided: rows are ``[cond; uncond]`` (``R = 2B``) for classifier-free guidance, else ``R = B``.
-    """
-
-    cache: CacheState
-    mask_table: torch.Tensor
-    batch: int
-    guided: bool
-    cond_len: int = 1
-
-    @property
-    def rows(self) -> int:
-        return 2 * self.batch if self.guided else self.batch
-
-    @property
-    def token_lengths(self) -> torch.Tensor:
-        """Committed image tokens per row ``[R]`` (cache length minus the condition tokens)."""
-        return self.cache.lengths - self.cond_len
-
-
-class NextTokenGenerator(Generator):
+@register("family", "llamagen")
+class NextTokenGenerator(CachedTokenSteps, Generator):
     """LlamaGen GPT (class- or text-conditional).
 
     Args:
@@ -83,6 +57,8 @@ class NextTokenGenerator(Generator):
 
     family = "llamagen"
     token_kind = "discrete"
+    emits = "logits"
+    default_sampler = "autoregressive"
 
     @register_config
     def __init__(self, vocab_size: int = 16384, dim: int = 768, depth: int = 12, num_heads: int = 12,
@@ -155,11 +131,11 @@ class NextTokenGenerator(Generator):
         with the **same** padding mask, as LlamaGen's CFG does)."""
         B = cond.batch_size
         if self.text_conditional:
-            cond = self._padded_text(cond)
+            cond = self.padded_text(cond)
             return Condition(text=self.cond_embed.uncond_embedding[None].expand(B, -1, -1), text_mask=cond.text_mask)
         return Condition(labels=torch.full((B,), self.null_class, dtype=torch.long, device=cond.labels.device))
 
-    def _padded_text(self, cond: Condition) -> Condition:
+    def padded_text(self, cond: Condition) -> Condition:
         """Caption ``[B, C, caption_dim]`` left-padded to ``C = cls_token_num`` with its mask ``[B, C]``."""
         text, mask = cond.text, cond.text_mask
         B, T, _ = text.shape
@@ -176,7 +152,7 @@ class NextTokenGenerator(Generator):
         """Condition tokens ``[B, C, D]`` and the condition mask ``[B, C]`` (text models; else ``None``)."""
         dtype = self.tok_embed.weight.dtype
         if self.text_conditional:
-            cond = self._padded_text(cond)
+            cond = self.padded_text(cond)
             return self.cond_embed(cond.text.to(dtype), drop_prob, generator), cond.text_mask
         return self.cond_embed(cond.labels, drop_prob, generator)[:, None], None
 
@@ -236,109 +212,30 @@ class NextTokenGenerator(Generator):
         logits = self.forward(tokens, cond, drop_prob=p, generator=generator)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
-    # -- step interface over a static cache ------------------------------------------------------
-    def start(self, cond: Condition, cfg_scale: float = 1.0) -> tuple[NextTokenState, torch.Tensor]:
-        """Allocate the cache and prefill the condition tokens.
-
-        Args:
-            cond: ``B`` conditions.
-            cfg_scale: ``> 1`` allocates rows ``[cond; uncond]`` (``R = 2B``) for guidance; ``<= 1``
-                runs no unconditional half (``R = B``).
-        Returns:
-            ``(state, logits [R, V])``, the raw (unguided) logits of image token 0 for every row.
-        """
+    # -- step protocol (start / step / rewind / decode_step from CachedTokenSteps) ---------------
+    def step_condition(self, cond: Condition, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embedded condition rows ``[R, C, D]`` (``[cond; null]`` when ``guided``) and their mask."""
         self.check_condition(cond, allow_null=True)
         cond = cond.to(self.tok_embed.weight.device)
-        B = cond.batch_size
-        guided = cfg_scale > 1.0
         if self.text_conditional:
-            cond = self._padded_text(cond)
+            cond = self.padded_text(cond)
         if guided:
-            cond = _cat_conditions(cond, self.null_condition(cond))
-        cond_tokens, cond_mask = self.embed_condition(cond)
-        R = cond_tokens.shape[0]
-        cache = self.trunk.new_cache(R, dtype=cond_tokens.dtype, device=cond_tokens.device)
-        mask_table = self.trunk.attention_mask(cond_mask)
-        state = NextTokenState(cache=cache, mask_table=mask_table, batch=B, guided=guided,
-                               cond_len=self.cls_token_num)
-        h = self.trunk.prefill(cond_tokens, cache, mask_table)
-        return state, self.head(h).float()
+            cond = cat_conditions(cond, self.null_condition(cond))
+        return self.embed_condition(cond)
 
-    def _step(self, state: NextTokenState, tokens: torch.Tensor, pos: torch.Tensor,
-              attend_len: int | None = None) -> torch.Tensor:
-        """Unchecked step: ``tokens [R, n]`` at image positions ``pos [R]``; returns logits ``[R, n, V]``."""
-        n = tokens.shape[1]
-        seq_pos = self.cls_token_num + pos[:, None] + torch.arange(n, device=pos.device)  # [R, n]
-        h = self.trunk.extend(self.tok_embed(tokens), seq_pos, state.cache, state.mask_table, attend_len)
-        state.cache.lengths.copy_(seq_pos[:, -1] + 1)
-        return self.head(h).float()
-
-    def step(self, state: NextTokenState, tokens: torch.Tensor, pos: torch.Tensor | int) -> torch.Tensor:
-        """Feed image tokens and get the next-token logits.
-
-        Args:
-            state: from :meth:`start`.
-            tokens: ``LongTensor [B, n]`` (fed to both CFG halves) or ``[R, n]``: ``tokens[:, j]`` is
-                image token ``pos + j``.
-            pos: per-row image-token index of ``tokens[:, 0]`` (``[B]``, ``[R]`` or an int). Each must
-                be ``<=`` the row's committed tokens; a smaller value rolls the row back (its later
-                cache entries are overwritten / masked out).
-        Returns:
-            raw logits ``[R, n, V]`` (float32): ``logits[:, j]`` is the distribution of image token
-            ``pos + j + 1``. The rows' committed lengths become ``pos + n``.
-        """
-        R, B = state.rows, state.batch
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] not in (B, R):
-            raise ValueError(f"tokens must be a LongTensor [B={B}, n] or [R={R}, n]")
+    def check_step_inputs(self, tokens: torch.Tensor, batch: int, rows: int) -> torch.Tensor:
+        """Image-token ids ``LongTensor [B or R, n]`` in ``[0, vocab_size)``."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] not in (batch, rows):
+            raise ValueError(f"tokens must be a LongTensor [B={batch}, n] or [R={rows}, n]")
         check_tokens(tokens, self.vocab_size)
-        device = state.cache.lengths.device
-        pos = torch.as_tensor(pos, dtype=torch.long, device=device)
-        pos = pos.expand(tokens.shape[0]) if pos.dim() == 0 else pos
-        if pos.shape != (tokens.shape[0],):
-            raise ValueError(f"pos must be an int or a [{tokens.shape[0]}] tensor, got shape {tuple(pos.shape)}")
-        if tokens.shape[0] == B and R != B:
-            tokens, pos = tokens.repeat(2, 1), pos.repeat(2)
-        committed = state.cache.lengths - self.cls_token_num
-        if (pos < 0).any() or (pos > committed).any():
-            raise ValueError(f"pos {pos.tolist()} must lie in [0, committed tokens {committed.tolist()}]: "
-                             "a row cannot skip positions")
-        if int(pos.max()) + tokens.shape[1] > self.num_tokens:
-            raise ValueError(f"writing {tokens.shape[1]} tokens at {int(pos.max())} overflows the "
-                             f"{self.num_tokens}-token image")
-        return self._step(state, tokens.to(device).long(), pos)
+        return tokens.long()
 
-    def rewind(self, state: NextTokenState, n: int | torch.Tensor) -> None:
-        """Forget the last ``n`` committed image tokens (int or per-row ``[R]``); nothing is copied."""
-        n = torch.as_tensor(n, device=state.cache.lengths.device)
-        if ((state.cache.lengths - n) < self.cls_token_num).any():
-            raise ValueError(f"cannot rewind {n.tolist()} tokens: rows hold "
-                             f"{(state.cache.lengths - self.cls_token_num).tolist()} image tokens")
-        state.cache.rewind(n)
+    def embed_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embed(tokens)
 
-    def compiled_step(self, mode: str | None = None):
-        """``torch.compile`` of the decode step (one graph per batch/shape; shapes are static)."""
-        key = mode or "default"
-        if key not in _COMPILED_STEPS:  # compiled once per mode, unbound: the module keeps no compiled state
-            _COMPILED_STEPS[key] = torch.compile(NextTokenGenerator._step, mode=mode, dynamic=False)
-        return functools.partial(_COMPILED_STEPS[key], self)
-
-    # -- sampling ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, cond: Condition, generator: torch.Generator | None = None, cfg_scale: float = 1.0,
-               cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               progress: bool = False, compile: bool = False) -> torch.Tensor:
-        """Draw image tokens ``LongTensor [B, grid_size, grid_size]`` with the cached AR sampler.
-
-        See :func:`visar.samplers.autoregressive.sample_autoregressive` for the options (LlamaGen's
-        conventions: CFG on raw logits, then temperature, top-k, top-p, one multinomial per step).
-        """
-        from visar.samplers.autoregressive import sample_autoregressive
-
-        self.check_condition(cond)
-        tokens = sample_autoregressive(self, cond, generator=generator, cfg_scale=cfg_scale,
-                                       cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
-                                       top_p=top_p, progress=progress, compile=compile)
-        return tokens.view(-1, self.grid_size, self.grid_size)
+    def emit(self, h: torch.Tensor) -> torch.Tensor:
+        """Raw float32 logits ``[..., V]`` of hidden states ``[..., D]``."""
+        return self.head(h).float()
 
     def check_tokenizer(self, tokenizer) -> None:
         """Kind and vocabulary must match the tokenizer (``vocab_size`` == codebook size)."""
@@ -347,17 +244,6 @@ class NextTokenGenerator(Generator):
         if vocab != self.vocab_size:
             raise ValueError(f"the tokenizer has {vocab} codes but this generator models {self.vocab_size} "
                              "token ids; pair the generator with the VQ it was trained on")
-
-
-_COMPILED_STEPS: dict = {}
-
-
-def _cat_conditions(a: Condition, b: Condition) -> Condition:
-    """Stack two conditions along the batch (``[a; b]``)."""
-    def cat(x, y):
-        return None if x is None else torch.cat([x, y.to(x.device, x.dtype)])
-    return Condition(labels=cat(a.labels, b.labels), text=cat(a.text, b.text),
-                     text_mask=cat(a.text_mask, b.text_mask) if a.text_mask is not None else None)
 
 
 _C = "visar.generators.next_token:NextTokenGenerator"

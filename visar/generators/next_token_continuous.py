@@ -12,12 +12,13 @@ static KV cache, 2D RoPE, one class token):
   position ``i`` (class token = position 0) is the head conditioning ``z_i`` of image token ``i``;
 * head: :class:`~visar.generators.heads.DiffusionHead` (or a flow head), loss on every token, each token
   repeated ``diffusion_batch_mul`` times as in MAR;
-* CFG: rows ``[cond; uncond]`` through the transformer, guidance on the head's noise prediction; the
-  scale is constant or MAR's linear ramp ``1 + (cfg - 1) (i + 1) / L`` at token ``i``.
+* CFG: rows ``[cond; uncond]`` through the transformer, guidance on the head's noise prediction.
 
-The step interface (``start`` / ``step`` / ``rewind``, per-row positions, rollback by lowering the cache
-lengths) is the discrete generator's, so samplers (continuous speculative decoding) can drive it; the
-conditioning vectors replace the logits.
+The step protocol (:class:`~visar.generators.protocol.NextTokenModel` with ``emits == "condition"``:
+``start`` / ``step`` / ``rewind``, per-row positions, rollback by lowering the cache lengths) is the
+discrete generator's, so samplers (continuous speculative decoding) can drive it; the conditioning vectors
+replace the logits. The raster loop (guidance constant or MAR's linear ramp, the head chain) is the
+default sampler :class:`visar.samplers.continuous_ar.ContinuousARSampler`.
 The preset ``mar-ar-tiny`` is registered with the MAR presets in :mod:`visar.generators.masked`.
 """
 from __future__ import annotations
@@ -26,21 +27,21 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from visar.generators.base import Condition, Generator
-from visar.generators.heads import MODEL_X0_CLIP, DiffusionHead, FlowHead, check_x0_clip_for_head, head_sample_options
+from visar.generators.heads import DiffusionHead, FlowHead, check_x0_clip_for_head
 from visar.generators.llama_trunk import LlamaTrunk, init_llama_weights
 from visar.generators.masked import patchify, unpatchify
-from visar.generators.next_token import NextTokenState
+from visar.generators.token_cache_steps import CachedTokenSteps
 from visar.nn.embeddings import LabelEmbedding
+from visar.registry import register
 from visar.utils.config import register_config
-from visar.utils.validation import check_sampling_args
 
 log = logging.getLogger("visar")
 
 
-class NextTokenContinuousGenerator(Generator):
+@register("family", "mar-ar")
+class NextTokenContinuousGenerator(CachedTokenSteps, Generator):
     """Causal continuous-token AR with a diffusion (or flow) head.
 
     Args:
@@ -62,6 +63,8 @@ class NextTokenContinuousGenerator(Generator):
 
     family = "mar-ar"
     token_kind = "continuous"
+    emits = "condition"
+    default_sampler = "continuous_ar"
 
     @register_config
     def __init__(self, token_channels: int = 16, grid_size: int = 16, patch_size: int = 1, dim: int = 768,
@@ -113,6 +116,10 @@ class NextTokenContinuousGenerator(Generator):
                              f"{tuple(latents.shape)}")
         return patchify(latents, self.patch_size)
 
+    def to_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Raster tokens ``[B, L, C p^2]`` -> latents ``[B, C, h, w]`` (inverse of :meth:`tokens_of`)."""
+        return unpatchify(tokens, self.patch_size, self.token_channels, self.grid)
+
     def check_tokenizer(self, tokenizer) -> None:
         super().check_tokenizer(tokenizer)
         ch = getattr(tokenizer, "latent_channels", self.token_channels)
@@ -154,107 +161,26 @@ class NextTokenContinuousGenerator(Generator):
         return self.head.loss(x.reshape(B * L, -1).repeat(m, 1), z.reshape(B * L, -1).repeat(m, 1),
                               generator=generator)
 
-    # ------------------------------------------------------------------ step interface
-    def start(self, cond: Condition, cfg_scale: float = 1.0) -> tuple[NextTokenState, torch.Tensor]:
-        """Allocate the static cache and prefill the class token.
-
-        Returns ``(state, z [R, D])``: the conditioning of image token 0 for every row (``R = 2B``
-        rows ``[cond; uncond]`` when ``cfg_scale != 1``).
-        """
+    # ------------------------------------------------------------------ step protocol
+    # start / step / rewind / decode_step come from CachedTokenSteps; these are its hooks.
+    def step_condition(self, cond: Condition, guided: bool) -> tuple[torch.Tensor, None]:
+        """Class-token rows ``[R, 1, D]`` (``[cond; null]`` when ``guided``); no condition mask."""
         self.check_condition(cond)
-        B = cond.batch_size
-        guided = cfg_scale != 1.0
         labels = cond.labels.to(self.z_proj.weight.device)
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-        c = self._embed_labels(labels)
-        cache = self.trunk.new_cache(c.shape[0], dtype=c.dtype, device=c.device)
-        mask_table = self.trunk.attention_mask(None)
-        state = NextTokenState(cache=cache, mask_table=mask_table, batch=B, guided=guided, cond_len=1)
-        return state, self.trunk.prefill(c, cache, mask_table)
+        return self._embed_labels(labels), None
 
-    def step(self, state: NextTokenState, tokens: torch.Tensor, pos: torch.Tensor | int) -> torch.Tensor:
-        """Feed tokens ``[B or R, n, C p^2]`` at image positions ``pos`` (int or per-row ``[B or R]``, at
-        most the committed count; smaller rolls back); returns ``z [R, n, D]`` where ``z[:, j]`` conditions
-        image token ``pos + j + 1``."""
-        R, B = state.rows, state.batch
-        if tokens.dim() != 3 or tokens.shape[0] not in (B, R) or tokens.shape[2] != self.token_dim:
-            raise ValueError(f"tokens must be [B={B} or R={R}, n, {self.token_dim}], got {tuple(tokens.shape)}")
-        device = state.cache.lengths.device
-        pos = torch.as_tensor(pos, dtype=torch.long, device=device)
-        pos = pos.expand(tokens.shape[0]) if pos.dim() == 0 else pos
-        if tokens.shape[0] == B and R != B:
-            tokens, pos = tokens.repeat(2, 1, 1), pos.repeat(2)
-        committed = state.token_lengths
-        if (pos < 0).any() or (pos > committed).any():
-            raise ValueError(f"pos {pos.tolist()} must lie in [0, committed tokens {committed.tolist()}]")
-        n = tokens.shape[1]
-        if int(pos.max()) + n > self.num_tokens:
-            raise ValueError(f"writing {n} tokens at {int(pos.max())} overflows the {self.num_tokens}-token image")
-        seq_pos = 1 + pos[:, None] + torch.arange(n, device=device)  # [R, n]
-        h = self.trunk.extend(self.z_proj(tokens.to(device)), seq_pos, state.cache, state.mask_table)
-        state.cache.lengths.copy_(seq_pos[:, -1] + 1)
+    def check_step_inputs(self, tokens: torch.Tensor, batch: int, rows: int) -> torch.Tensor:
+        """Continuous tokens ``[B or R, n, C p^2]``."""
+        if tokens.dim() != 3 or tokens.shape[0] not in (batch, rows) or tokens.shape[2] != self.token_dim:
+            raise ValueError(f"tokens must be [B={batch} or R={rows}, n, {self.token_dim}], got {tuple(tokens.shape)}")
+        return tokens
+
+    def embed_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.z_proj(tokens)
+
+    def emit(self, h: torch.Tensor) -> torch.Tensor:
+        """The trunk's hidden states are the head conditioning ``z [..., D]``."""
         return h
-
-    def rewind(self, state: NextTokenState, n: int | torch.Tensor) -> None:
-        """Forget the last ``n`` committed image tokens (int or per-row ``[R]``); nothing is copied."""
-        n = torch.as_tensor(n, device=state.cache.lengths.device)
-        if ((state.cache.lengths - n) < 1).any():
-            raise ValueError(f"cannot rewind {n.tolist()} tokens: rows hold {state.token_lengths.tolist()}")
-        state.cache.rewind(n)
-
-    # ------------------------------------------------------------------ sampling
-    @staticmethod
-    def cfg_at(cfg: float, schedule: str, index: int, num_tokens: int) -> float:
-        """Guidance scale of image token ``index``: constant, or MAR's linear ramp ``1 + (cfg-1)(i+1)/L``."""
-        return cfg if schedule == "constant" else 1 + (cfg - 1) * (index + 1) / num_tokens
-
-    @torch.no_grad()
-    def sample(self, cond: Condition, generator: torch.Generator | None = None, cfg: float = 1.0,
-               cfg_schedule: str = "constant", temperature: float = 1.0, num_sampling_steps: int | None = None,
-               final_noise: bool = False, use_cache: bool = True, progress: bool = False,
-               cfg_scale: float | None = None, x0_clip: float | None | str = MODEL_X0_CLIP) -> torch.Tensor:
-        """Raster-order sampling; returns latents ``[B, C, h, w]``.
-
-        Args:
-            cond: class labels ``[B]``.
-            generator: source of the head's noise.
-            cfg: guidance scale (1 = none), ``cfg_scale`` is an alias; ``cfg_schedule``: ``"constant"``
-                or ``"linear"``.
-            temperature: head temperature (> 0).
-            num_sampling_steps: head steps (default: the head's).
-            final_noise: keep the head's last-step noise.
-            use_cache: ``False`` recomputes the whole prefix every token (reference path for tests).
-            x0_clip: clamp of the diffusion head's predicted clean token: ``"model"`` (default) = the
-                model's ``x0_clip``, ``None`` = no clipping (MAR's sampler), a number > 0 = that range.
-        """
-        if cfg_scale is not None:
-            cfg = cfg_scale
-        check_sampling_args(cfg_scale=cfg, temperature=temperature)
-        if cfg_schedule not in ("constant", "linear"):
-            raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {cfg_schedule!r}")
-        if num_sampling_steps is not None and (not isinstance(num_sampling_steps, int) or num_sampling_steps < 1):
-            raise ValueError(f"num_sampling_steps must be an integer >= 1, got {num_sampling_steps!r}")
-        head_opts = head_sample_options(self.head, x0_clip)
-        self.check_condition(cond)
-        B, L = cond.batch_size, self.num_tokens
-        guided = cfg != 1.0
-        dev = self.z_proj.weight.device
-        out = torch.zeros(B, L, self.token_dim, device=dev, dtype=self.z_proj.weight.dtype)
-        if use_cache:
-            state, z = self.start(cond, cfg)
-        else:
-            labels = cond.labels.to(dev)
-            full = Condition.of(torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels)
-        for i in tqdm(range(L), disable=not progress, desc="AR"):
-            if not use_cache:
-                prefix = out[:, : i + 1]
-                z = self.forward(torch.cat([prefix, prefix]) if guided else prefix, full)[:, i]
-            x = self.head.sample(z, num_sampling_steps, cfg=self.cfg_at(cfg, cfg_schedule, i, L),
-                                 temperature=temperature, generator=generator, final_noise=final_noise,
-                                 guided=guided, **head_opts)
-            out[:, i] = x
-            if use_cache and i < L - 1:
-                z = self.step(state, x[:, None], i)[:, 0]
-        return unpatchify(out, self.patch_size, self.token_channels, self.grid)
 

@@ -8,50 +8,56 @@ numerics follow the official code (``OliverRensu/xAR``), see ``../shared/fixture
   released models: 8 x 8 cells of a 16 x 16 grid, i.e. 4 entities of 64 tokens). The transformer is
   block-causal over entities; every entity type runs through the same model, loss, sampler and cache.
 * There is no separate head: the transformer predicts the velocity ``v = eps - x`` of every token
-  (``pred``), conditioned per entity on ``class_emb(label) + time_embed(t_int)`` through the adaLN of
-  :class:`~visar.nn.adaln_block.AdaLNBlock`.
+  (``pred``) with the encoder-decoder shared with FlowAR
+  (:class:`~visar.generators.adaln_encoder_decoder.AdaLNEncoderDecoder`), conditioned per entity on
+  ``class_emb(label) + time_embed(t_int)`` through the adaLN of :class:`~visar.nn.adaln_block.AdaLNBlock`
+  (modulation computed once per entity, then expanded to its tokens).
 * Training, Noisy Context Learning: every entity gets its own ``t ~ sigmoid(N(0, 1))`` and its own
   noise, so each entity is predicted from *noisy* earlier entities (:meth:`NextXGenerator.loss`).
-* Sampling: entity by entity, an Euler-Maruyama SDE on ``cat(linspace(1, 0.04, n), [0])`` with the
-  drift built from the velocity's score, a linear CFG ramp over entities, and a static KV cache that
-  is extended once per entity by re-encoding the previous entity at ``t = 0``
-  (:meth:`NextXGenerator.sample`).
+* Sampling (:mod:`visar.samplers.next_x`): entity by entity, an Euler-Maruyama SDE on
+  ``cat(linspace(1, 0.04, n), [0])`` with the drift built from the velocity's score, a linear CFG ramp
+  over entities, and a static KV cache that is extended once per entity by re-encoding the previous
+  entity at ``t = 0``. The generator exposes the step protocol (:meth:`NextXGenerator.start`,
+  ``velocity``, ``commit``, ``to_latents``).
 """
 from __future__ import annotations
 
-import math
-from typing import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from visar.generators.adaln_encoder_decoder import AdaLNEncoderDecoder, TrunkState
 from visar.generators.base import Condition, Generator
 from visar.generators.entities import EntityLayout, make_partition
-from visar.nn.adaln_block import AdaLNBlock
 from visar.nn.embeddings import LabelEmbedding, TimestepEmbedding, quantize_timestep, timestep_sinusoid
 from visar.nn.kv_cache import CacheState
-from visar.nn.norms import RMSNorm
-from visar.nn.rope import rope_2d_angles, rope_tables
+from visar.registry import Preset, register
 from visar.utils.config import register_config
 from visar.utils.validation import check_labels
-from visar.zoo import Preset
-from visar.nn.guidance import cfg_mix
 
 
-def em_time_grid(num_steps: int, t_min: float = 0.04) -> torch.Tensor:
-    """xAR's Euler-Maruyama grid ``cat(linspace(1, t_min, n), [0])`` (float64, ``n + 1`` points).
+@dataclass
+class EntityState(TrunkState):
+    """Decoding state of :class:`NextXGenerator` (rows ``[cond; null]`` when guided).
 
-    ``n - 1`` stochastic steps plus a final deterministic step from ``t_min`` to 0: ``n`` model calls
-    per entity.
+    Attributes:
+        labels: ``[R]`` class ids of the rows (``num_classes`` = null).
+        done: final tokens of the committed entities, ``[R, n_j, C]`` each in the model's dtype.
+        inputs: the last model call's input ``[R, n, C]`` (``n_k``, or ``n_{k-1} + n_k`` when the call
+            also wrote the previous entity into the cache, or the whole prefix without a cache).
     """
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    return torch.cat([torch.linspace(1, t_min, num_steps, dtype=torch.float64),
-                      torch.zeros(1, dtype=torch.float64)])
+
+    labels: torch.Tensor | None = None
+    done: list[torch.Tensor] = field(default_factory=list)
 
 
-class NextXGenerator(Generator):
+@register("family", "xar")
+class NextXGenerator(AdaLNEncoderDecoder, Generator):
     """xAR generator over scaled continuous latents ``[B, in_channels, latent_size, latent_size]``.
+
+    Implements :class:`~visar.generators.protocol.NextXModel`; its default sampler is
+    :class:`visar.samplers.next_x.NextXSampler`.
 
     Args:
         num_classes: classes; row ``num_classes`` of the class table is the CFG null class.
@@ -73,6 +79,7 @@ class NextXGenerator(Generator):
 
     family = "xar"
     token_kind = "continuous"
+    default_sampler = "next_x"
 
     @register_config
     def __init__(self, num_classes: int = 1000, in_channels: int = 16, latent_size: int = 16, cell: int = 8,
@@ -81,63 +88,26 @@ class NextXGenerator(Generator):
                  proj_dropout: float = 0.0, entity: str = "cell", stride: int = 2,
                  scales: list[int] | None = None):
         super().__init__()
-        if width % num_heads or (width // num_heads) % 4:
-            raise ValueError(f"width {width} / {num_heads} heads must give a head dim divisible by 4 (2D RoPE)")
         self.partition: EntityLayout = make_partition(entity, latent_size, latent_size, cell, stride=stride,
                                                       scales=scales)
         self.entity = entity
         self.num_classes, self.in_channels, self.latent_size = num_classes, in_channels, latent_size
-        self.width, self.num_heads, self.label_drop_prob = width, num_heads, label_drop_prob
-        N, D = self.partition.num_tokens, width
+        self.latent_side, self.label_drop_prob = latent_size, label_drop_prob
 
-        self.class_emb = LabelEmbedding(num_classes, D)
-        self.time_embed = TimestepEmbedding(D)
-        self.z_proj = nn.Linear(in_channels, D)
-        self.z_proj_ln = RMSNorm(D, eps=1e-6)
-        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, N, D))
-        self.encoder_blocks = nn.ModuleList(
-            AdaLNBlock(D, num_heads, mlp_ratio, qkv_bias=True, attn_dropout=attn_dropout, proj_dropout=proj_dropout)
-            for _ in range(encoder_depth))
-        self.encoder_norm = RMSNorm(D, eps=1e-6)
-        self.decoder_embed = nn.Linear(D, D)
-        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, N, D))
-        self.decoder_blocks = nn.ModuleList(
-            AdaLNBlock(D, num_heads, mlp_ratio, qkv_bias=True, attn_dropout=attn_dropout, proj_dropout=proj_dropout)
-            for _ in range(decoder_depth))
-        self.decoder_norm = RMSNorm(D, eps=1e-6)
-        self.pred = nn.Linear(D, in_channels)
+        self.class_emb = LabelEmbedding(num_classes, width)
+        self.time_embed = TimestepEmbedding(width)
+        self.build_encoder_decoder(in_channels, width, num_heads, self.partition.num_tokens, encoder_depth,
+                                   decoder_depth, mlp_ratio, attn_dropout, proj_dropout)
+        self.pred = nn.Linear(width, in_channels)
 
-        self.register_buffer("mask", self.partition.mask(), persistent=False)  # [N, N]
         here = torch.empty(0).device  # the default device (meta when built on the meta device)
         rows, cols = (p.to(here) for p in self.partition.positions())  # grid coordinates in sequence order
-        cos, sin = rope_tables(rope_2d_angles(rows, cols, D // num_heads))
-        self.register_buffer("rope_cos", cos, persistent=False)  # [N, hd/2], seq order
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_layout(self.partition.sizes, rows, cols)
         self.register_buffer("entity_index", torch.tensor(  # [N] entity of each sequence position
             [e for e, n in enumerate(self.partition.sizes) for _ in range(n)]), persistent=False)
         for p in (self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
                   self.class_emb.embedding_table.weight):
             nn.init.normal_(p, std=0.02)
-
-    # ------------------------------------------------------------------ layout
-    @property
-    def num_layers(self) -> int:
-        return len(self.encoder_blocks) + len(self.decoder_blocks)
-
-    def check_latents(self, latents: torch.Tensor) -> None:
-        """``latents`` must be a float ``[B, in_channels, latent_size, latent_size]`` tensor."""
-        S = self.latent_size
-        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-            raise TypeError(f"latents must be a float tensor [B, {self.in_channels}, {S}, {S}]")
-        if latents.dim() != 4 or tuple(latents.shape[1:]) != (self.in_channels, S, S):
-            raise ValueError(f"latents must have shape [B, {self.in_channels}, {S}, {S}] (scaled KL latents), "
-                             f"got {tuple(latents.shape)}")
-
-    def check_tokenizer(self, tokenizer) -> None:
-        super().check_tokenizer(tokenizer)
-        ch = getattr(tokenizer, "latent_channels", None)
-        if ch is not None and ch != self.in_channels:
-            raise ValueError(f"the tokenizer has {ch} latent channels but this generator models {self.in_channels}")
 
     # ------------------------------------------------------------------ transformer
     def entity_condition(self, labels: torch.Tensor, t: torch.Tensor, drop_prob: float = 0.0,
@@ -154,30 +124,20 @@ class NextXGenerator(Generator):
         return self.class_emb(labels, drop_prob, generator)[:, None] + temb
 
     def transformer(self, x: torch.Tensor, c: torch.Tensor, start: int = 0, cache: CacheState | None = None,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
+                    mask: torch.Tensor | None = None, cond_index: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity of the tokens at sequence positions ``[start, start + n)``.
 
         Args:
             x: ``[B, n, C]`` noisy tokens in entity order.
-            c: ``[B, n, D]`` per-token condition.
+            c: ``[B, n, D]`` per-token condition, or ``[B, e, D]`` per entity with ``cond_index [n]``
+                (each position's entity, in ``[0, e)``; the adaLN modulation is computed per entity).
             cache: static KV cache; keys/values are written at ``start`` and the queries attend to
                 ``[0, start + n)``.
             mask: additive mask ``[n, start + n]`` (rows of the block-causal mask) or ``None``.
         Returns:
             ``[B, n, C]`` velocity.
         """
-        end = start + x.shape[1]
-        rope = (self.rope_cos[start:end], self.rope_sin[start:end])
-        h = self.z_proj_ln(self.z_proj(x) + self.encoder_pos_embed_learned[:, start:end])
-        n_enc = len(self.encoder_blocks)
-        for i, blk in enumerate(self.encoder_blocks):
-            h = blk(h, c, rope=rope, mask=mask, cache=cache.layers[i] if cache else None, cache_pos=start,
-                    attend_len=end)
-        h = self.decoder_embed(self.encoder_norm(h)) + self.decoder_pos_embed_learned[:, start:end]
-        for i, blk in enumerate(self.decoder_blocks):
-            h = blk(h, c, rope=rope, mask=mask, cache=cache.layers[n_enc + i] if cache else None, cache_pos=start,
-                    attend_len=end)
-        return self.pred(self.decoder_norm(h))
+        return self.pred(self.encode_decode(self.z_proj(x), c, start, cache, mask, cond_index))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, drop_labels: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -201,8 +161,7 @@ class NextXGenerator(Generator):
             raise ValueError(f"t must lie in [0, {hi}] (flow time, 1 = noise; integer timesteps up to 1000)")
         check_labels(labels, self.num_classes, allow_null=True)
         c = self.entity_condition(labels.to(x_t.device), t, self.label_drop_prob if drop_labels else 0.0, generator)
-        c = c[:, self.entity_index]  # [B, N, D]
-        return self.transformer(x_t, c, mask=self.mask.to(x_t.dtype))
+        return self.transformer(x_t, c, mask=self.mask.to(x_t.dtype), cond_index=self.entity_index)
 
     def loss(self, tokens: torch.Tensor, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
         """Noisy Context Learning loss.
@@ -223,16 +182,32 @@ class NextXGenerator(Generator):
         v = self.forward(x_t, t, cond.labels.to(dev), drop_labels=self.training, generator=generator)
         return (v - (eps - x)).pow(2).mean()
 
-    # ------------------------------------------------------------------ sampling
-    def _call(self, x_cur: torch.Tensor, t: float, k: int, done: list[torch.Tensor], labels: torch.Tensor,
-              first: bool, cache: CacheState | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One model call for entity ``k`` at time ``t``; returns ``(velocity [R, n_k, C], model input)``.
+    # ------------------------------------------------------------------ step protocol (NextXModel)
+    def start(self, cond: Condition, guided: bool = False, use_cache: bool = True) -> EntityState:
+        """Labels of the ``R`` rows (``[cond; null]`` when ``guided``) and an empty static KV cache over all
+        tokens (``use_cache=False``: none; every call then runs the whole prefix)."""
+        cond = Condition.of(cond)
+        if cond.labels is None:
+            raise ValueError(f"{type(self).__name__} is class-conditional: give class ids, not text features")
+        dev = self.pred.weight.device
+        labels = cond.labels.to(dev)
+        B = labels.shape[0]
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        cache = self.new_cache(labels.shape[0], self.pred.weight.dtype, dev) if use_cache else None
+        return EntityState(batch=B, guided=guided, device=dev, cache=cache, labels=labels)
 
-        ``x_cur``: ``[R, n_k, C]`` float32 rows. ``done``: final float32 samples of entities ``< k``
-        (``[R, n_j, C]`` each), re-encoded at ``t = 0``.
+    def velocity(self, state: EntityState, x: torch.Tensor, t: float, k: int, first: bool) -> torch.Tensor:
+        """One model call for entity ``k`` at flow time ``t``: velocity ``[R, n_k, C]`` (model dtype).
+
+        ``x``: ``[B or R, n_k, C]`` noisy tokens, any float dtype (cast to the model's; ``B`` rows are fed
+        to both CFG halves). ``first``: the entity's first call, which with a cache also writes the
+        previous entity (committed, at ``t = 0``) into it. The call's input is kept in ``state.inputs``.
         """
+        xf = x.to(self.pred.weight.dtype)  # the model runs in its own dtype (float32 for parity)
+        x_cur = torch.cat([xf, xf]) if state.guided and xf.shape[0] == state.batch else xf
         R, n_k = x_cur.shape[:2]
-        off = self.partition.offsets()
+        off, done, cache = self.partition.offsets(), state.done, state.cache
         tt = torch.full((R, 1), t, dtype=torch.float64, device=x_cur.device)
         if cache is not None and (not first or k == 0):
             inp, start, mask, times = x_cur, off[k], None, tt
@@ -246,87 +221,22 @@ class NextXGenerator(Generator):
             mask = self.mask[:off[k + 1], :off[k + 1]].to(x_cur.dtype) if k else None
             times = torch.cat([torch.zeros(R, k, dtype=torch.float64, device=x_cur.device), tt], dim=1)
         first_entity = k - times.shape[1] + 1
-        c = self.entity_condition(labels, times)  # [R, e, D]
-        c = c[:, self.entity_index[off[first_entity]:off[k + 1]] - first_entity]
-        v = self.transformer(inp, c, start, cache=cache, mask=mask)
-        return v[:, -n_k:], inp
+        c = self.entity_condition(state.labels, times)  # [R, e, D]
+        index = self.entity_index[off[first_entity]:off[k + 1]] - first_entity
+        state.inputs = inp
+        return self.transformer(inp, c, start, cache=cache, mask=mask, cond_index=index)[:, -n_k:]
 
-    @torch.no_grad()
-    def sample(self, cond: Condition | list | torch.Tensor | int, generator: torch.Generator | None = None,
-               num_steps: int = 40, cfg_scale: float = 2.7, use_cache: bool = True,
-               callback: Callable[[dict], None] | None = None, method: str = "sde") -> torch.Tensor:
-        """Draw latents entity by entity with the Euler-Maruyama sampler (or a deterministic Euler ODE).
+    def commit(self, state: EntityState, k: int, x: torch.Tensor) -> None:
+        """Record entity ``k``'s final tokens ``[B or R, n_k, C]`` (any float dtype), the clean context of
+        later entities (``B`` rows serve both CFG halves)."""
+        if k != len(state.done):
+            raise ValueError(f"entity {k} committed after {len(state.done)} entities; commit them in order")
+        xf = x.to(self.pred.weight.dtype)
+        state.done.append(torch.cat([xf, xf]) if state.guided and xf.shape[0] == state.batch else xf)
 
-        Per entity ``k``: ``x ~ N(0, I)`` (float32 draw, float64 state); for each step of
-        :func:`em_time_grid` the model gives ``v``; score ``s = (-(1 - t) v - x) / t``, drift
-        ``d = v - t s``; CFG ``d = d_u + cfg_k (d_c - d_u)`` with ``cfg_k = 1 + (cfg - 1) k / (E - 1)``;
-        ``x += d dt + sqrt(2 t) sqrt(|dt|) e`` with ``e`` a float64 draw made before the model call, and
-        a last noise-free step to ``t = 0``.
-
-        Args:
-            cond: class ids ``[B]`` or a :class:`Condition`.
-            generator: ``torch.Generator`` for all noise (drawn on its device).
-            num_steps: model calls per entity (>= 1; the official code needs >= 3 because of a cache
-                bug that this implementation does not have).
-            cfg_scale: guidance at the last entity; ``1`` disables guidance (no unconditional rows).
-            use_cache: static KV cache (``False`` runs the whole sequence at every call; same result).
-            callback: called after every model call with ``{"entity", "step", "x", "time", "labels", "out"}``.
-            method: ``"sde"`` (the official sampler above) or ``"ode"``: Euler steps ``x += v_cfg dt`` of
-                the probability-flow ODE on ``linspace(1, 0, num_steps + 1)`` with the same CFG ramp
-                applied to the velocity and the initial draw as the only noise (not in the official code).
-        Returns:
-            ``[B, C, H, W]`` scaled latents in the model's dtype.
-        """
-        cond = Condition.of(cond)
-        if cond.labels is None:
-            raise ValueError(f"{type(self).__name__} is class-conditional: give class ids, not text features")
-        self.check_condition(cond)
-        if method not in ("sde", "ode"):
-            raise ValueError(f"method must be 'sde' (Euler-Maruyama, official) or 'ode' (Euler), got {method!r}")
-        grid = em_time_grid(num_steps).tolist()
-        if method == "ode":
-            grid = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
-        if not math.isfinite(cfg_scale) or cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be a finite number >= 0 (1 disables guidance), got {cfg_scale}")
-        dev, dtype = self.pred.weight.device, self.pred.weight.dtype
-        labels = cond.labels.to(dev)
-        B, C, E = labels.shape[0], self.in_channels, self.partition.num_entities
-        guided = cfg_scale != 1.0
-        if guided:
-            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-        R = labels.shape[0]
-        cache = (CacheState(self.num_layers, R, self.partition.num_tokens, self.num_heads, self.width // self.num_heads,
-                            dtype=self.pred.weight.dtype, device=dev) if use_cache else None)
-        noise_dev = generator.device if generator is not None else dev
-        done: list[torch.Tensor] = []  # final samples of finished entities, [R, n_j, C] in the model dtype
-        ode = method == "ode"
-        for k, n_k in enumerate(self.partition.sizes):
-            x = torch.randn(B, n_k, C, generator=generator, device=noise_dev).to(dev).double()
-            cfg_k = 1.0 + (cfg_scale - 1.0) * k / max(E - 1, 1)
-            for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-                last = ode or i == len(grid) - 2  # no noise term
-                if not last:
-                    e = torch.randn(x.shape, generator=generator, device=noise_dev, dtype=torch.float64).to(dev)
-                xf = x.to(dtype)  # the model runs in its own dtype (float32 for parity)
-                x_rows = torch.cat([xf, xf]) if guided else xf
-                v, inp = self._call(x_rows, t_cur, k, done, labels, i == 0, cache)
-                if callback is not None:
-                    callback({"entity": k, "step": i, "x": inp, "time": t_cur, "labels": labels, "out": v})
-                xx, v = (torch.cat([x, x]) if guided else x), v.double()  # drift and update in float64
-                if ode:  # dx/dt = v = eps - x along x_t = (1 - t) x + t eps
-                    d = v
-                else:
-                    score = (-(1 - t_cur) * v - xx) / t_cur
-                    d = v - t_cur * score  # 0.5 * w * s with w = 2t
-                if guided:
-                    d_c, d_u = d.chunk(2)
-                    d = cfg_mix(d_c, d_u, cfg_k)
-                dt = t_next - t_cur
-                x = x + d * dt if last else x + d * dt + math.sqrt(2 * t_cur) * math.sqrt(abs(dt)) * e
-            xf = x.to(dtype)
-            done.append(torch.cat([xf, xf]) if guided else xf)
-        seq = torch.cat([d_[:B] for d_ in done], dim=1)
-        return self.partition.from_sequence(seq)
+    def to_latents(self, seq: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C]`` tokens in entity order -> latents ``[B, C, H, W]`` in the model's dtype."""
+        return self.partition.from_sequence(seq.to(self.pred.weight.dtype))
 
 
 _EVAL_SRC = "xAR README (OliverRensu/xAR @121e9c9), see ../shared/fixtures/xar/README.md"

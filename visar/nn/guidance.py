@@ -24,9 +24,13 @@ def is_guided(cfg_scale: float) -> bool:
     return float(cfg_scale) != 1.0
 
 
-def ramp(cfg_scale: float, fraction: float) -> float:
-    """Linear schedule ``1 + (cfg_scale - 1) * fraction``, ``fraction`` in ``[0, 1]``."""
-    return 1.0 + (cfg_scale - 1.0) * fraction
+def ramp(cfg_scale: float, done: int | float, total: int | float) -> float:
+    """Linear schedule ``1 + (cfg_scale - 1) * done / total`` (``done`` of ``total`` units finished).
+
+    Evaluated left to right, ``((cfg_scale - 1) * done) / total``: the operation order of the official
+    FlowAR, xAR and MAR-AR samplers, so the scale is bit-identical to theirs.
+    """
+    return 1.0 + (cfg_scale - 1.0) * done / total
 
 
 __all__ = ["cfg_mix", "is_guided", "ramp"]

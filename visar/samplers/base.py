@@ -23,12 +23,14 @@ class Sampler:
     """Base class of every sampler.
 
     Subclasses set :attr:`name`, :attr:`protocol` (the step protocol the model must implement, from
-    :mod:`visar.generators.protocol`), :attr:`defaults` (every option it takes, with its default) and
+    :mod:`visar.generators.protocol`), :attr:`emits` where the protocol serves both token kinds, :attr:`defaults` (every option it takes, with its default) and
     implement :meth:`run`. ``validate`` may check sampler-specific options (the shared ones are checked).
     """
 
     name: ClassVar[str] = "?"
     protocol: ClassVar[Any] = object
+    #: what the model's steps must emit (``"logits"`` / ``"condition"``); ``None``: no requirement
+    emits: ClassVar[str | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any):
@@ -44,6 +46,10 @@ class Sampler:
             kind = getattr(self.protocol, "__name__", str(self.protocol))
             raise TypeError(f"the {self.name!r} sampler drives {kind} generators; {type(model).__name__} is not one. "
                             f"Use its own default sampler (sampler=None) or one of: {', '.join(names('sampler'))}")
+        if self.emits is not None and getattr(model, "emits", None) != self.emits:
+            what = "discrete tokens from logits" if self.emits == "logits" else "continuous tokens with a token head"
+            raise TypeError(f"the {self.name!r} sampler draws {what}; {type(model).__name__} emits "
+                            f"{getattr(model, 'emits', None)!r}: use its own default sampler (sampler=None)")
 
     def resolve(self, options: dict[str, Any]) -> dict[str, Any]:
         """Constructor options, then call options, over :attr:`defaults`; validated."""
@@ -88,12 +94,43 @@ def get_sampler(sampler: "str | Sampler", **options: Any) -> Sampler:
     return get("sampler", sampler)(**options)
 
 
+class OwnSampler(Sampler):
+    """Adapter for a generator that samples itself: a class (outside visar's families, e.g. a one-shot
+    model or a test double) that overrides ``sample(cond, generator=None, **options)`` and speaks no step
+    protocol. The options are that method's keyword arguments, with its defaults.
+    """
+
+    name = "own"
+
+    def __init__(self, model: Any, **options: Any):
+        import inspect
+
+        params = inspect.signature(model.sample).parameters.values()
+        self.defaults = {p.name: p.default for p in params if p.name not in ("cond", "generator")
+                         and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty}
+        self.model_class = type(model)
+        super().__init__(**options)
+
+    def check_model(self, model: Any) -> None:
+        if not isinstance(model, self.model_class):
+            raise TypeError(f"this sampler wraps {self.model_class.__name__}.sample, not {type(model).__name__}")
+
+    def run(self, model: Any, cond: Condition, generator: torch.Generator | None, **options: Any) -> Any:
+        return model.sample(cond, generator=generator, **options)
+
+
 def default_sampler(model: Any) -> Sampler:
-    """The sampler that reproduces ``model``'s official sampling (its class's ``default_sampler`` name)."""
+    """The sampler that reproduces ``model``'s official sampling: its class's ``default_sampler`` (a
+    registered name), or :class:`OwnSampler` for a generator that only overrides ``sample``."""
     name = getattr(model, "default_sampler", None)
-    if not name:
-        raise TypeError(f"{type(model).__name__} names no default sampler (class attribute default_sampler)")
-    return get("sampler", name)()
+    if name:
+        return get("sampler", name)()
+    from visar.generators.base import Generator
+
+    if type(model).sample is not Generator.sample:
+        return OwnSampler(model)
+    raise TypeError(f"{type(model).__name__} names no default sampler: set the class attribute default_sampler to a "
+                    f"registered sampler ({', '.join(names('sampler'))}) or override sample()")
 
 
-__all__ = ["Sampler", "get_sampler", "default_sampler"]
+__all__ = ["Sampler", "OwnSampler", "get_sampler", "default_sampler"]

@@ -1,48 +1,59 @@
 """VAR's next-scale sampler: one transformer step per scale over a static KV cache.
 
-Per scale ``k = 0..S-1`` (VAR's ``autoregressive_infer_cfg``):
+Drives a :class:`~visar.generators.protocol.NextScaleModel` that emits logits (VAR,
+:class:`~visar.generators.next_scale.NextScaleGenerator`). Per scale ``k = 0..S-1`` (VAR's
+``autoregressive_infer_cfg``):
 
-1. the batch is doubled, rows ``0:B`` conditional and ``B:2B`` the null class, both fed the same tokens;
-2. guidance ramps linearly with the scale: ``t = cfg * k / (S-1)``, ``logits = (1+t) l_c - t l_u``
-   (``t = 0`` at the first scale);
+1. ``model.step(state, k)`` gives logits ``[R, n_k, V]``; when guided, rows ``0:B`` are conditional and
+   ``B:2B`` the null class, both fed the same tokens;
+2. guidance ramps linearly with the scale. visar's ``cfg_scale`` is ``s`` in ``u + s (c - u)`` (1 = no
+   guidance); **VAR's ``cfg=c`` is ``cfg_scale=1+c``**. With ``t = (cfg_scale - 1) k/(S-1)`` the logits are
+   VAR's ``(1 + t) l_c - t l_u`` (``s_k = 1 + t``; the official float expression, so seeded runs match);
 3. top-k (ties kept), then top-p with VAR's ascending convention (:func:`top_p_filter_ascending`);
 4. one ``torch.multinomial`` draw per token for the whole batch from the seeded ``torch.Generator``;
 5. ``more_smooth``: the draw above still happens (it consumes the generator) but the codes are
    replaced by a Gumbel-softmax mixture ``softmax((l (1 + k/(S-1)) + G) / tau) @ codebook`` with
    ``tau = max(0.27 (1 - 0.95 k/(S-1)), 0.005)`` (visualisation only; FID uses ``more_smooth=False``);
-6. the codes are accumulated into ``f_hat`` by the tokenizer's quantizer, which also gives the next
-   scale's input ``area_down(f_hat, pn_{k+1})``.
+6. the codes are accumulated into ``f_hat`` by the tokenizer's quantizer (``model.quantizer``), whose
+   ``area_down(f_hat, pn_{k+1})`` becomes the next scale's input (``model.set_next_input``).
 
-Random labels (``labels=None``) are drawn first, from the same generator. Zero-shot editing
+Random labels (``cond=None``, ``batch=N``) are drawn first, from the same generator. Zero-shot editing
 (in-painting, out-painting, class-conditional editing; VAR paper Sec. 6 and its demo) forces the
 tokens of a given image wherever ``mask`` is 1 (:func:`edit`).
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from visar.conditions import Condition
+from visar.generators.protocol import NextScaleModel
+from visar.nn.guidance import is_guided
+from visar.registry import register
+from visar.samplers.base import Sampler
 from visar.samplers.logits import check_finite, top_k_filter, top_p_filter_ascending
+from visar.samplers.options import check_positive_int
+
+Labels = Condition | torch.Tensor | Sequence[int] | int | None
 
 
-def check_options(cfg_scale: float, top_k: int, top_p: float) -> None:
-    if not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0 (VAR's ramp: t = cfg * k/(S-1); 0 disables guidance), got {cfg_scale}")
-    if int(top_k) != top_k or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k}")
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1] (0 or 1 disables it; VAR's FID setting is 0.96), got {top_p}")
+def guide(logits: torch.Tensor, batch: int, cfg_scale: float, ratio: float) -> torch.Tensor:
+    """VAR's ramped guidance of rows ``[cond; null]`` (``[2B, n, V]``) -> ``[B, n, V]``.
+
+    ``t = (cfg_scale - 1) * ratio`` (``ratio = k/(S-1)``), ``(1 + t) l_c - t l_u``: the scale of
+    ``u + s (c - u)`` is ``s = 1 + t``, ramping from 1 (no guidance) at scale 0 to ``cfg_scale``.
+    """
+    t = (cfg_scale - 1) * ratio
+    return (1 + t) * logits[:batch] - t * logits[batch:]
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """VAR's top-k then ascending top-p; removed entries become ``-inf``."""
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """VAR's top-k (0 disables) then ascending top-p (in ``(0, 1]``, 1 disables); removed entries become ``-inf``."""
     if top_k > 0:
         logits = top_k_filter(logits, top_k)
-    if top_p > 0:
+    if top_p < 1:
         logits = top_p_filter_ascending(logits, top_p)
     return logits
 
@@ -54,132 +65,23 @@ def draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return torch.multinomial(probs, 1, replacement=True, generator=generator).view(B, n)
 
 
-def resolve_labels(model, cond: Condition | torch.Tensor | Sequence[int] | int | None, batch: int | None,
-                   generator: torch.Generator | None) -> torch.Tensor:
-    """Class ids ``[B]``; ``None`` draws ``batch`` uniform labels from ``generator`` (first RNG use, as VAR)."""
-    device = model.pos_1LC.device
-    if cond is None:
-        if batch is None or batch < 1:
-            raise ValueError("without class ids, pass batch=N to draw N random labels")
-        uniform = torch.full((1, model.num_classes), 1.0 / model.num_classes, device=device)
-        return torch.multinomial(uniform, batch, replacement=True, generator=generator).reshape(batch)
-    if isinstance(cond, int):
-        cond = [cond] * (batch or 1)
-    return model.labels_of(cond, allow_null=False)
+def smooth_codes(logits: torch.Tensor, codebook: torch.Tensor, ratio: float, pn: int,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """VAR's ``more_smooth`` codes: Gumbel-softmax mixture of ``codebook [V, Cvae]`` -> ``[B, Cvae, pn, pn]``."""
+    B = logits.shape[0]
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    gumbel = -torch.empty_like(logits).exponential_(generator=generator).log()
+    soft = ((logits * (1 + ratio) + gumbel) / tau).softmax(-1)  # [B, n, V]
+    return (soft @ codebook).transpose(1, 2).reshape(B, codebook.shape[1], pn, pn)
 
 
-def _uncached_step(model) -> Callable:
-    """Naive step: keep the embedded prefix and re-run the whole transformer on it (block-causal mask)."""
-    prefix: list[torch.Tensor] = []
-
-    def step(cache, x, mods, cond_emb, pos):
-        prefix.append(x)
-        h = torch.cat(prefix, 1)  # [rows, pos + n, C]
-        end = h.shape[1]
-        mask = model.attn_mask[:end, :end]
-        for b, m in zip(model.blocks, mods):
-            h = b(h, m, mask=mask)
-        return model.head_logits(h[:, pos:], cond_emb)
-
-    return step
-
-
-def _step_fn(model, compile: bool) -> Callable:
-    if not compile:
-        return model.step
-    cached = getattr(model, "_compiled_step", None)
-    if cached is None:
-        cached = torch.compile(model.step, dynamic=False)
-        object.__setattr__(model, "_compiled_step", cached)
-    return cached
-
-
-@torch.no_grad()
-def sample(model, cond: Condition | torch.Tensor | Sequence[int] | int | None, generator: torch.Generator | None = None,
-           cfg_scale: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-           batch: int | None = None, return_fhat: bool = False, record: dict | None = None,
-           edit_tokens: Sequence[torch.Tensor] | None = None, edit_mask: torch.Tensor | None = None,
-           compile: bool = False, use_cache: bool = True) -> Any:
-    """Draw per-scale token maps with VAR's sampler.
-
-    Args:
-        model: a :class:`~visar.generators.next_scale.NextScaleGenerator` with a bound tokenizer.
-        cond: class ids ``[B]`` (Condition, tensor, list or int); ``None`` draws ``batch`` random labels.
-        generator: seeded ``torch.Generator`` (the global RNG when ``None``).
-        cfg_scale: guidance at the last scale (linear ramp from 0 at the first scale).
-        top_k, top_p: filters (0 disables); VAR's FID setting is ``top_k=900, top_p=0.96``.
-        more_smooth: Gumbel-softmax soft codes (visualisation only).
-        return_fhat: also return the final ``f_hat [B, Cvae, h, w]`` (needed to decode ``more_smooth`` runs).
-        record: if a dict, filled with ``labels`` and per-scale ``raw_logits`` / ``cfg_logits`` / ``filtered_logits``.
-        edit_tokens, edit_mask: see :func:`edit`.
-        compile: ``torch.compile`` the per-scale step (one graph per scale).
-        use_cache: ``False`` runs the naive baseline that recomputes the whole prefix at every scale
-            (same tokens; for tests and benchmarks).
-
-    Returns:
-        list of ``LongTensor [B, pn_k, pn_k]`` (and ``f_hat`` if ``return_fhat``).
-    """
-    check_options(cfg_scale, top_k, top_p)
-    q = model.quantizer
-    labels = resolve_labels(model, cond, batch, generator)
-    B = labels.shape[0]
-    S = len(model.scales)
-    use_cfg = cfg_scale != 0 and S > 1
-    rows = 2 * B if use_cfg else B
-    if record is not None:
-        record["labels"] = labels.clone()
-    if edit_tokens is not None:
-        edit_tokens = q.check_tokens(edit_tokens)
-        if edit_tokens[0].shape[0] != B:
-            raise ValueError(f"edit_tokens hold {edit_tokens[0].shape[0]} images for {B} labels")
-        edit_mask = check_edit_mask(edit_mask, B, q.latent_side, labels.device)
-    elif edit_mask is not None:
-        raise ValueError("edit_mask needs edit_tokens (tokenizer.encode(image))")
-
-    all_labels = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if use_cfg else labels
-    cond_emb = model.class_emb(all_labels)  # [rows, C]
-    mods = model.condition_mods(cond_emb)
-    lvl_pos = model.lvl_embed(model.lvl_1L) + model.pos_1LC  # [1, L, C]
-    x = cond_emb[:, None] + model.pos_start + lvl_pos[:, :model.first_len]  # [rows, pn0^2, C]
-    cache = model.start(rows, dtype=x.dtype) if use_cache else None
-    step = _step_fn(model, compile) if use_cache else _uncached_step(model)
-    f_hat = q.embedding.weight.new_zeros(B, q.dim, q.latent_side, q.latent_side)
-    out, pos = [], 0
-    for k, pn in enumerate(model.scales):
-        ratio = k / (S - 1) if S > 1 else 0.0
-        n = pn * pn
-        logits = step(cache, x, mods, cond_emb, pos)  # [rows, n, V]
-        check_finite(logits, f"VAR sampling at scale {k}")
-        if record is not None:
-            record.setdefault("raw_logits", []).append(logits.clone())
-        if use_cfg:
-            t = cfg_scale * ratio
-            logits = (1 + t) * logits[:B] - t * logits[B:]
-        if record is not None:
-            record.setdefault("cfg_logits", []).append(logits.clone())
-        logits = filter_logits(logits, top_k, top_p)
-        if record is not None:
-            record.setdefault("filtered_logits", []).append(logits.clone())
-        idx = draw(logits, generator)  # [B, n]
-        if more_smooth:
-            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-            gumbel = -torch.empty_like(logits).exponential_(generator=generator).log()
-            soft = ((logits * (1 + ratio) + gumbel) / tau).softmax(-1)  # [B, n, V]
-            h = (soft @ q.embedding.weight).transpose(1, 2).reshape(B, q.dim, pn, pn)
-        else:
-            h = q.embed(idx, k)  # [B, Cvae, pn, pn]
-        if edit_tokens is not None:
-            keep = edit_mask_at(edit_mask, pn)  # [B, 1, pn, pn]
-            gt = edit_tokens[k].reshape(B, 1, pn, pn)
-            idx = torch.where(keep[:, 0].bool(), gt[:, 0], idx.view(B, pn, pn)).reshape(B, n)
-            h = torch.where(keep.bool(), q.embed(gt, k), h)
-        out.append(idx.view(B, pn, pn))
-        nxt = q.accumulate(f_hat, k, h)
-        pos += n
-        if nxt is not None:
-            nxt = model.word_embed(nxt.to(x.dtype)) + lvl_pos[:, pos:pos + model.scales[k + 1] ** 2]
-            x = nxt.repeat(2, 1, 1) if use_cfg else nxt
-    return (out, f_hat) if return_fhat else out
+def random_labels(num_classes: int, batch: int | None, generator: torch.Generator | None,
+                  device: torch.device | str) -> torch.Tensor:
+    """``batch`` uniform class ids ``[batch]`` drawn from ``generator`` (VAR's first use of the RNG)."""
+    if batch is None or batch < 1:
+        raise ValueError("without class ids, pass batch=N to draw N random labels")
+    uniform = torch.full((1, num_classes), 1.0 / num_classes, device=device)
+    return torch.multinomial(uniform, batch, replacement=True, generator=generator).reshape(batch)
 
 
 def check_edit_mask(mask: torch.Tensor | None, batch: int, side: int, device) -> torch.Tensor:
@@ -203,20 +105,135 @@ def edit_mask_at(mask: torch.Tensor, pn: int) -> torch.Tensor:
     return (F.interpolate(mask, size=(pn, pn), mode="bilinear", align_corners=False) > 0.5).float()
 
 
-def edit(model, tokens: Sequence[torch.Tensor], mask: torch.Tensor, cond: Condition | torch.Tensor | Sequence[int] | int,
+@register("sampler", "next_scale")
+class NextScaleSampler(Sampler):
+    """VAR's sampler (see the module docstring); ``sampler(model, cond, generator, **options)``.
+
+    Args (options, defaults in :attr:`defaults`, the official FID setting is ``cfg_scale=2.5`` (VAR's cfg 1.5),
+    ``top_k=900``, ``top_p=0.96``):
+        cond: class ids ``[B]`` (Condition, tensor, list, or an int for ``batch`` images of that class);
+            ``None`` draws ``batch`` random labels first.
+        cfg_scale: ``>= 0``, guidance at the last scale (ramp from 1 at the first); 1 runs no null-class rows.
+        top_k: ``>= 0`` (0 disables); top_p: in ``(0, 1]`` (1 disables), VAR's ascending filter.
+        more_smooth: Gumbel-softmax soft codes (visualisation only).
+        batch: image count when ``cond`` is ``None`` or an int.
+        return_fhat: also return the final ``f_hat [B, Cvae, h, w]`` (needed to decode ``more_smooth`` runs).
+        record: if a dict, filled with ``labels`` and per-scale ``raw_logits`` ``[R, n_k, V]`` /
+            ``cfg_logits`` / ``filtered_logits`` ``[B, n_k, V]``.
+        edit_tokens, edit_mask: zero-shot editing, see :func:`edit`.
+        compile: ``torch.compile`` the cached per-scale step (one graph per scale).
+        use_cache: ``False`` runs the naive baseline that recomputes the whole prefix at every scale.
+        progress: tqdm bar by scale.
+
+    Returns:
+        list of ``LongTensor [B, pn_k, pn_k]`` (and ``f_hat`` if ``return_fhat``). ``stats``: ``model_passes``
+        (transformer calls, one per scale; each serves both CFG halves).
+    """
+
+    name = "next_scale"
+    protocol = NextScaleModel
+    emits = "logits"
+    defaults = dict(cfg_scale=2.5, top_k=0, top_p=1.0, more_smooth=False, batch=None, return_fhat=False, record=None,
+                    edit_tokens=None, edit_mask=None, compile=False, use_cache=True, progress=False)
+
+
+    def validate(self, options: dict[str, Any]) -> None:
+        for name in ("more_smooth", "return_fhat", "compile", "use_cache", "progress"):
+            if not isinstance(options[name], bool):
+                raise TypeError(f"{name} must be True or False, got {options[name]!r}")
+        if options["batch"] is not None:
+            check_positive_int("batch", options["batch"])
+        if options["record"] is not None and not isinstance(options["record"], dict):
+            raise TypeError(f"record must be a dict (filled with logits) or None, "
+                            f"got {type(options['record']).__name__}")
+        if options["edit_mask"] is not None and options["edit_tokens"] is None:
+            raise ValueError("edit_mask needs edit_tokens (tokenizer.encode(image))")
+        if options["compile"] and not options["use_cache"]:
+            raise ValueError("compile=True compiles the cached per-scale step; it needs use_cache=True")
+
+    def __call__(self, model: Any, cond: Labels, generator: torch.Generator | None = None, **options: Any) -> Any:
+        if cond is None or (isinstance(cond, int) and not isinstance(cond, bool)):
+            self.check_model(model)
+            batch = self.resolve(options)["batch"]
+            if cond is None:  # drawn before anything else uses the generator, as VAR does
+                cond = random_labels(model.num_classes, batch, generator, next(model.parameters()).device)
+            else:
+                cond = [cond] * (batch or 1)
+        return super().__call__(model, cond, generator, **options)
+
+    @torch.no_grad()
+    def run(self, model: Any, cond: Condition, generator: torch.Generator | None, *, cfg_scale: float, top_k: int,
+            top_p: float, more_smooth: bool, batch: int | None, return_fhat: bool, record: dict | None,
+            edit_tokens: Sequence[torch.Tensor] | None, edit_mask: torch.Tensor | None, compile: bool,
+            use_cache: bool, progress: bool) -> Any:
+        from tqdm.auto import tqdm
+
+        q = model.quantizer
+        labels = model.labels_of(cond, allow_null=False)
+        B, S = labels.shape[0], len(model.scales)
+        if record is not None:
+            record["labels"] = labels.clone()
+        if edit_tokens is not None:
+            edit_tokens = q.check_tokens(edit_tokens)
+            if edit_tokens[0].shape[0] != B:
+                raise ValueError(f"edit_tokens hold {edit_tokens[0].shape[0]} images for {B} labels")
+            edit_mask = check_edit_mask(edit_mask, B, q.latent_side, labels.device)
+        state = model.start(labels, guided=is_guided(cfg_scale) and S > 1, use_cache=use_cache, compile=compile)
+        f_hat = q.embedding.weight.new_zeros(B, q.dim, q.latent_side, q.latent_side)
+        self.stats["model_passes"] = 0
+        out = []
+        for k in tqdm(range(S), disable=not progress, desc="scales", leave=False):
+            pn = model.scales[k]
+            ratio = k / (S - 1) if S > 1 else 0.0
+            logits = model.step(state, k)  # [R, n, V]
+            self.stats["model_passes"] += 1
+            check_finite(logits, f"VAR sampling at scale {k}")
+            if record is not None:
+                record.setdefault("raw_logits", []).append(logits.clone())
+            if state.guided:
+                logits = guide(logits, B, cfg_scale, ratio)
+            if record is not None:
+                record.setdefault("cfg_logits", []).append(logits.clone())
+            logits = filter_logits(logits, top_k, top_p)
+            if record is not None:
+                record.setdefault("filtered_logits", []).append(logits.clone())
+            idx = draw(logits, generator)  # [B, n]
+            h = smooth_codes(logits, q.embedding.weight, ratio, pn, generator) if more_smooth else q.embed(idx, k)
+            if edit_tokens is not None:
+                keep = edit_mask_at(edit_mask, pn).bool()  # [B, 1, pn, pn]
+                gt = edit_tokens[k].reshape(B, 1, pn, pn)
+                idx = torch.where(keep[:, 0], gt[:, 0], idx.view(B, pn, pn)).reshape(B, pn * pn)
+                h = torch.where(keep, q.embed(gt, k), h)
+            out.append(idx.view(B, pn, pn))
+            nxt = q.accumulate(f_hat, k, h)  # [B, pn_{k+1}^2, Cvae] or None after the last scale
+            if nxt is not None:
+                model.set_next_input(state, k + 1, nxt)
+        return (out, f_hat) if return_fhat else out
+
+
+def sample(model: Any, cond: Labels, generator: torch.Generator | None = None, **options: Any) -> Any:
+    """``NextScaleSampler()(model, cond, generator, **options)``: per-scale ids ``[B, pn_k, pn_k]``."""
+    return NextScaleSampler()(model, cond, generator, **options)
+
+
+def edit(model: Any, tokens: Sequence[torch.Tensor], mask: torch.Tensor, cond: Labels,
          generator: torch.Generator | None = None, **options: Any) -> list[torch.Tensor]:
     """Zero-shot editing (VAR Sec. 6): keep ``tokens`` where ``mask`` is 1, generate the rest.
 
     * in-painting: ``mask`` 0 inside the region to repaint;
     * out-painting: ``mask`` 1 inside the known region, 0 outside;
-    * class-conditional editing: in-painting with the new class in ``cond``.
+    * class-conditional editing: in-painting with the new class in ``cond`` (an int edits every image).
 
     Args:
-        tokens: the image's per-scale ids (``tokenizer.encode(image)``).
+        tokens: the image's per-scale ids (``tokenizer.encode(image)``), ``B`` images.
         mask: ``[h, w]`` or ``[B, h, w]`` on the latent grid (size of the last scale); at each scale
             it is resized bilinearly and thresholded at 0.5; the first scales (<= 3 tokens) are kept.
-        options: as :func:`sample` (``cfg_scale``, ``top_k``, ``top_p``, ``more_smooth``).
+        options: as :class:`NextScaleSampler` (``cfg_scale``, ``top_k``, ``top_p``, ``more_smooth``, ...).
     """
     if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], torch.Tensor):
         options.setdefault("batch", tokens[0].shape[0])  # an int class edits every image to that class
     return sample(model, cond, generator=generator, edit_tokens=tokens, edit_mask=mask, **options)
+
+
+__all__ = ["NextScaleSampler", "sample", "edit", "guide", "filter_logits", "draw", "smooth_codes", "random_labels",
+           "check_edit_mask", "edit_mask_at"]

@@ -54,8 +54,12 @@ def check_option_names(given: Iterable[str], accepted: Iterable[str], where: str
     for name in given:
         if name in accepted:
             continue
-        if name in RENAMED and RENAMED[name] in accepted:
-            raise TypeError(f"{where}: option {name!r} is now called {RENAMED[name]!r}")
+        if name in RENAMED:
+            new = RENAMED[name]
+            if new in accepted:
+                raise TypeError(f"{where}: option {name!r} is now called {new!r}")
+            raise TypeError(f"{where} has no option {name!r} (the old name of {new!r}, which it does not take "
+                            f"either). It takes: {', '.join(sorted(accepted))}")
         close = difflib.get_close_matches(name, sorted(accepted), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise TypeError(f"{where} has no option {name!r}{hint} It takes: {', '.join(sorted(accepted))}")

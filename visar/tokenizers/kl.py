@@ -39,7 +39,7 @@ import torch
 
 from visar.tokenizers.base import Tokenizer
 from visar.utils.config import register_config
-from visar.zoo import Preset
+from visar.registry import Preset, register
 
 #: ``diffusers.AutoencoderKL`` config of MAR's kl16 (fixture README, "Loading into diffusers")
 KL16_CONFIG: dict[str, Any] = {
@@ -64,6 +64,7 @@ LOGVAR_CLAMP = (-30.0, 20.0)
 RECON_LOSSES = ("l1", "mse")
 
 
+@register("tokenizer", "kl")
 class KLTokenizer(Tokenizer):
     """Images ``[B, 3, H, W]`` in ``[-1, 1]`` <-> continuous tokens ``[B, C, H/s, W/s]``.
 

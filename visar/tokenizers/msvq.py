@@ -20,11 +20,12 @@ from torch import nn
 from visar.tokenizers.base import Tokenizer
 from visar.tokenizers.msvq_quantizer import MultiScaleResidualQuantizer
 from visar.utils.config import register_config
-from visar.zoo import Preset
+from visar.registry import Preset, register
 
 SCHEDULE_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
+@register("tokenizer", "msvq")
 class MultiScaleVQTokenizer(Tokenizer):
     """Multi-scale residual VQVAE.
 

@@ -26,7 +26,7 @@ from visar.nn.autoencoder import build_decoder, build_encoder
 from visar.tokenizers.base import Tokenizer
 from visar.utils.config import register_config
 from visar.utils.validation import check_tokens
-from visar.zoo import Preset
+from visar.registry import Preset, register
 
 log = logging.getLogger("visar")
 
@@ -67,6 +67,7 @@ class L2Quantizer(nn.Module):
         return z_n, zq_st, ids, codes
 
 
+@register("tokenizer", "vq")
 class VQTokenizer(Tokenizer):
     """Discrete tokenizer equivalent to LlamaGen's ``VQModel``.
 

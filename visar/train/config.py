@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-TASKS = ("tokenizer", "generator", "classifier")
+
+def task_names() -> list[str]:
+    """The training tasks registered in :mod:`visar.train.tasks` (the one list config and trainer share)."""
+    from visar.registry import names
+
+    return names("task")
+
+
 DATA_KINDS = ("shapes", "folder", "token_cache")
 
 
@@ -243,8 +250,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Semantic checks that need more than types (choices, ranges, paths)."""
     t, d, o = cfg.train, cfg.data, cfg.optim
-    if cfg.task not in TASKS:
-        raise ConfigError(f"config key task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    tasks = task_names()
+    if cfg.task not in tasks:
+        raise ConfigError(f"config key task must be one of {', '.join(tasks)}, got {cfg.task!r}")
     if (cfg.model.cls is None) == (cfg.model.preset is None):
         raise ConfigError("config section model needs exactly one of model.cls ('module:Class') or model.preset")
     if cfg.model.cls is not None and ":" not in cfg.model.cls:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from visar.conditions import Condition
+from visar.registry import get, register
 
 
 def _as_loss_dict(out: Any, where: str) -> dict[str, torch.Tensor]:
@@ -28,6 +29,7 @@ def _as_loss_dict(out: Any, where: str) -> dict[str, torch.Tensor]:
     return out
 
 
+@register("task", "tokenizer")
 class TokenizerTask(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -40,6 +42,7 @@ class TokenizerTask(nn.Module):
         return _as_loss_dict(self.model.training_loss(batch["image"]), f"{type(self.model).__name__}.training_loss")
 
 
+@register("task", "classifier")
 class ClassifierTask(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -53,6 +56,7 @@ class ClassifierTask(nn.Module):
                              f"{type(self.model).__name__}.training_loss")
 
 
+@register("task", "generator")
 class GeneratorTask(nn.Module):
     """Generator loss on tokens of a frozen tokenizer (kept out of the module tree: never trained or synced)."""
 
@@ -79,10 +83,9 @@ class GeneratorTask(nn.Module):
 
 
 def make_task(task: str, model: nn.Module, tokenizer: nn.Module | None = None) -> nn.Module:
-    if task == "tokenizer":
-        return TokenizerTask(model)
-    if task == "classifier":
-        return ClassifierTask(model)
-    if task == "generator":
-        return GeneratorTask(model, tokenizer)
-    raise ValueError(f"unknown task {task!r}: tokenizer, generator or classifier")
+    """The registered task ``task`` wrapping ``model`` (generator tasks also take the frozen tokenizer)."""
+    try:
+        cls = get("task", task)
+    except KeyError as e:
+        raise ValueError(str(e).strip('"')) from None
+    return cls(model, tokenizer) if task == "generator" else cls(model)

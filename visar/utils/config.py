@@ -84,7 +84,7 @@ class Configurable(nn.Module):
                             f"which is not a {cls.__name__}")
         model = target(**meta["config"])
         state = load_safetensors(d / f"{name}.safetensors", device=map_location)
-        from visar.convert.common import load_state_strict
+        from visar.utils.state_dict import load_state_strict
         load_state_strict(model, state, source=str(d / f"{name}.safetensors"))
         return model
 

@@ -10,6 +10,18 @@ import torch
 from visar.utils.io import atomic_write_bytes
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` in ``[-1, 1]`` -> ``uint8 [B, H, W, 3]`` (``clamp(127.5 x + 128, 0, 255)``, truncated)."""
+    return (images.float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """``[B, 3, H, W]`` in ``[-1, 1]`` -> a list of ``B`` RGB PIL images."""
+    from PIL import Image
+
+    return [Image.fromarray(a.numpy()) for a in to_uint8(images)]
+
+
 def make_grid_uint8(images: torch.Tensor, nrow: int, pad: int = 2, fill: int = 255) -> torch.Tensor:
     """``uint8 [N, H, W, 3]`` -> one ``uint8 [rows*(H+pad)+pad, nrow*(W+pad)+pad, 3]`` grid."""
     n, h, w, c = images.shape
@@ -32,8 +44,6 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, upsc
     from PIL import Image
 
     if images.is_floating_point():
-        from visar.pipeline import to_uint8
-
         images = to_uint8(images)
     grid = make_grid_uint8(images.cpu(), nrow)
     img = Image.fromarray(grid.numpy())
