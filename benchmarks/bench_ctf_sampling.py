@@ -20,8 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from visar.generators.base import Condition  # noqa: E402
-from visar.generators.coarse_to_fine import CoarseToFineGenerator  # noqa: E402
-from visar.generators.next_token import NextTokenGenerator  # noqa: E402
+from visar.generators.coarse_to_fine.ctf import CoarseToFineGenerator  # noqa: E402
+from visar.generators.next_token.llamagen import NextTokenGenerator  # noqa: E402
 from visar.samplers.autoregressive import AutoregressiveSampler  # noqa: E402
 from visar.samplers.coarse_to_fine import CoarseToFineSampler, sample_fine  # noqa: E402
 

@@ -22,7 +22,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from visar.generators.next_scale import SCHEDULE_256, NextScaleGenerator  # noqa: E402
+from visar.generators.next_scale.var import SCHEDULE_256, NextScaleGenerator  # noqa: E402
 from visar.samplers.next_scale import NextScaleSampler  # noqa: E402
 from visar.tokenizers.msvq_quantizer import MultiScaleResidualQuantizer  # noqa: E402
 

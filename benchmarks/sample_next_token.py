@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from visar.generators.base import Condition  # noqa: E402
-from visar.generators.next_token import NextTokenGenerator  # noqa: E402
+from visar.generators.next_token.llamagen import NextTokenGenerator  # noqa: E402
 from visar.samplers.autoregressive import AutoregressiveSampler, sample_autoregressive_naive  # noqa: E402
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visar.generators.ctf_auxiliary import AuxiliaryModel
+from visar.generators.coarse_to_fine.auxiliary import AuxiliaryModel
 
 M, V, K, G = 8, 32, 5, 4  # clusters, codewords, classes, grid side
 

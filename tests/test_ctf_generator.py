@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from visar.generators.base import Condition
-from visar.generators.coarse_to_fine import CoarseToFineGenerator, tokenizer_codebook
-from visar.generators.kmeans import codebook_hash
+from visar.generators.coarse_to_fine.ctf import CoarseToFineGenerator, tokenizer_codebook
+from visar.generators.coarse_to_fine.kmeans import codebook_hash
 from visar.samplers.coarse_to_fine import sample_fine
 from visar.tokenizers.base import Tokenizer
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visar.generators.kmeans import build_cluster_map, codebook_hash, kmeans, normalize_codebook
+from visar.generators.coarse_to_fine.kmeans import build_cluster_map, codebook_hash, kmeans, normalize_codebook
 
 
 def _codebook(v=256, d=8, seed=0, scale=3.0):

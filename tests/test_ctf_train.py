@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from visar.generators.base import Condition
-from visar.generators.coarse_to_fine import CoarseToFineGenerator
-from visar.generators.kmeans import build_cluster_map
+from visar.generators.coarse_to_fine.ctf import CoarseToFineGenerator
+from visar.generators.coarse_to_fine.kmeans import build_cluster_map
 
 V, M, K, G = 64, 8, 4, 4
 

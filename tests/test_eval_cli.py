@@ -69,7 +69,7 @@ def test_cli_protocol_and_explicit_labels(pipeline_dir, tmp_path, monkeypatch):
     from visar.zoo import Preset
 
     monkeypatch.setitem(zoo._registry(), "tiny-proto", Preset(
-        cls="visar.generators.next_token:NextTokenGenerator",
+        cls="visar.generators.next_token.llamagen:NextTokenGenerator",
         eval={"cfg_scale": 4.0, "top_k": 0, "image_size": 64, "image_size_eval": 32, "labels": "random"}))
     with pytest.raises(SystemExit, match="--labels balanced"):
         cli.main(["sample", str(pipeline_dir), "--out", str(tmp_path / "x"), "--num", "2"])

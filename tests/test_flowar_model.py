@@ -6,7 +6,7 @@ import torch
 
 from visar import zoo
 from visar.convert.common import CheckpointError
-from visar.generators.next_scale_flow import NextScaleFlowGenerator
+from visar.generators.next_scale.flowar import NextScaleFlowGenerator
 from visar.samplers.next_scale_flow import euler_time_grid
 
 

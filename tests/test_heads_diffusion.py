@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visar.generators.diffusion_schedule import DiffusionSchedule, space_timesteps
-from visar.generators.heads import DiffusionHead, FlowHead, HeadNoise, HeadSample, build_head
+from visar.generators.components.diffusion_schedule import DiffusionSchedule, space_timesteps
+from visar.generators.components.heads import DiffusionHead, FlowHead, HeadNoise, HeadSample, build_head
 from visar.samplers.heads import sample_head
 
 

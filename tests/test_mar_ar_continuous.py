@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from visar.generators.base import Condition
-from visar.generators.next_token_continuous import NextTokenContinuousGenerator
+from visar.generators.next_token.continuous import NextTokenContinuousGenerator
 
 
 def tiny(**kw) -> NextTokenContinuousGenerator:

@@ -9,7 +9,7 @@ import torch
 
 from visar.convert.common import CheckpointError
 from visar.generators.base import Condition
-from visar.generators.masked import MaskedGenerator
+from visar.generators.masked.mar import MaskedGenerator
 from visar.samplers.masked import MaskedSampler
 
 TINY = dict(img_size=32, vae_stride=4, encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
@@ -151,7 +151,7 @@ def test_bad_tokens():
 
 def test_check_tokenizer_pairs_kinds():
     from visar import zoo
-    from visar.generators.next_token import NextTokenGenerator
+    from visar.generators.next_token.llamagen import NextTokenGenerator
 
     m = tiny()
     kl = zoo.create("kl-tiny")
@@ -204,7 +204,7 @@ def test_loader_errors(tmp_path, fixtures):
 def test_mask_ratio_is_the_official_truncated_normal():
     from scipy import stats
 
-    from visar.generators.masked import truncated_normal_ratio
+    from visar.generators.masked.mar import truncated_normal_ratio
 
     g = torch.Generator().manual_seed(0)
     draws = torch.tensor([truncated_normal_ratio(0.7, g) for _ in range(4000)], dtype=torch.float64)

@@ -81,7 +81,7 @@ def test_full_sampler_matches_official(tiny_mar, io, mar_dir, name):
 
 
 def test_numpy_orders_match_official(io):
-    from visar.generators.masked import numpy_orders
+    from visar.generators.masked.mar import numpy_orders
     import numpy as np
 
     for name in ("sample_cfg_linear", "sample_nocfg_constant"):

@@ -10,7 +10,7 @@ import torch
 from visar.convert.common import CheckpointError
 from visar.convert.llamagen import gpt_state_to_official, load_generator
 from visar.generators.base import Condition
-from visar.generators.next_token import NextTokenGenerator
+from visar.generators.next_token.llamagen import NextTokenGenerator
 
 OFFICIAL_PRESETS = {
     "llamagen-gpt-b": "GPT-B c2i", "llamagen-gpt-l": "GPT-L c2i", "llamagen-gpt-xl": "GPT-XL c2i",

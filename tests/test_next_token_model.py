@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from visar.generators.base import Condition
-from visar.generators.next_token import NextTokenGenerator
+from visar.generators.next_token.llamagen import NextTokenGenerator
 
 
 def tiny(seed: int = 0, **kw) -> NextTokenGenerator:

@@ -1,4 +1,4 @@
-"""Parity of the LlamaGen GPT (visar.generators.next_token) with the official implementation.
+"""Parity of the LlamaGen GPT (visar.generators.next_token.llamagen) with the official implementation.
 
 Fixtures: ../shared/fixtures/llamagen (tiny official models with random weights and their outputs,
 see its README). Tolerances from there: logits / hidden states atol = rtol = 1e-4, sampled tokens

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from visar.generators.base import Condition
-from visar.generators.next_token import NextTokenGenerator
+from visar.generators.next_token.llamagen import NextTokenGenerator
 from visar.samplers.autoregressive import guided_logits, sample_autoregressive, sample_autoregressive_naive
 
 

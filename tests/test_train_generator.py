@@ -12,7 +12,7 @@ from visar.train.trainer import train
 VQ = {"cls": "visar.tokenizers.vq:VQTokenizer",
       "kwargs": {"codebook_size": 16, "codebook_embed_dim": 4, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
                  "z_channels": 32}}
-GPT = {"cls": "visar.generators.next_token:NextTokenGenerator",
+GPT = {"cls": "visar.generators.next_token.llamagen:NextTokenGenerator",
        "kwargs": {"vocab_size": 16, "dim": 32, "depth": 1, "num_heads": 2, "grid_size": 4, "num_classes": 10}}
 LOOP = {"steps": 2, "batch_size": 4, "log_every": 1, "progress": False, "threads": 1}
 

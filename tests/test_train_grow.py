@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from visar.generators.base import Condition
-from visar.generators.next_token import NextTokenGenerator
+from visar.generators.next_token.llamagen import NextTokenGenerator
 from visar.train.config import ConfigError, ModelConfig, TrainConfig, load_config
 from visar.train.grow import block_depth, deepen_state
 from visar.train.trainer import init_and_freeze

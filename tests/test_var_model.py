@@ -9,7 +9,7 @@ import torch
 from visar import zoo
 from visar.convert.common import CheckpointError
 from visar.convert.var import generator_to_official, load_generator
-from visar.generators.next_scale import NextScaleGenerator, block_causal_mask
+from visar.generators.next_scale.var import NextScaleGenerator, block_causal_mask
 from visar.samplers.next_scale import edit, sample
 from visar.tokenizers.msvq_quantizer import MultiScaleResidualQuantizer, phi_index_table
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from visar.generators.base import Condition
-from visar.generators.heads import DiffusionHead, FlowHead, HeadNoise
-from visar.generators.masked import MaskedGenerator
-from visar.generators.next_token_continuous import NextTokenContinuousGenerator
+from visar.generators.components.heads import DiffusionHead, FlowHead, HeadNoise
+from visar.generators.masked.mar import MaskedGenerator
+from visar.generators.next_token.continuous import NextTokenContinuousGenerator
 from visar.samplers.heads import sample_head
 
 MAR_TINY = dict(img_size=32, vae_stride=4, vae_embed_dim=16, encoder_embed_dim=32, encoder_depth=1,

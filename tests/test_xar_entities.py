@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visar.generators.entities import (ENTITY_TYPES, CellPartition, ImagePartition, ScalePyramid,
+from visar.generators.components.entities import (ENTITY_TYPES, CellPartition, ImagePartition, ScalePyramid,
                                        SubsamplePartition, TokenPartition, default_scales, make_partition)
-from visar.generators.next_x import NextXGenerator
+from visar.generators.next_x.xar import NextXGenerator
 
 # (entity, options, number of entities, tokens per entity) on an 8 x 8 grid
 ENTITIES = [

@@ -34,7 +34,7 @@ def test_entity_trains_on_shapes_and_samples(entity, kl_export, tmp_path):
     kwargs = dict(num_classes=10, in_channels=4, latent_size=4, width=32, encoder_depth=1, decoder_depth=1,
                   num_heads=2, entity=entity, **ENTITY_OPTS[entity])
     data = {"task": "generator",
-            "model": {"cls": "visar.generators.next_x:NextXGenerator", "kwargs": kwargs},
+            "model": {"cls": "visar.generators.next_x.xar:NextXGenerator", "kwargs": kwargs},
             "tokenizer": {"path": str(kl_export)},
             "data": {"kind": "shapes", "size": 16, "length": 32},
             "optim": {"lr": 1e-3, "warmup_steps": 1},

@@ -6,8 +6,8 @@ import torch
 
 from visar import zoo
 from visar.convert.common import CheckpointError
-from visar.generators.entities import CellPartition, GridPartition, block_causal_mask
-from visar.generators.next_x import NextXGenerator
+from visar.generators.components.entities import CellPartition, GridPartition, block_causal_mask
+from visar.generators.next_x.xar import NextXGenerator
 from visar.samplers.next_x import em_time_grid
 
 
@@ -175,7 +175,7 @@ class _Bands(GridPartition):
 
 def test_generator_works_for_any_partition(monkeypatch):
     """The model, its cache and its sampler only rely on the partition interface (unequal entities here)."""
-    from visar.generators import entities
+    from visar.generators.components import entities
 
     monkeypatch.setitem(entities.ENTITY_TYPES, "bands", _Bands)
     m = tiny(entity="bands")

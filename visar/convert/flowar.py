@@ -85,7 +85,7 @@ def convert_state_dict(state: dict, model, path: str = "checkpoint") -> dict:
 
 
 def load_generator(path: str | os.PathLike, **overrides):
-    """Build a :class:`~visar.generators.next_scale_flow.NextScaleFlowGenerator` from an official file.
+    """Build a :class:`~visar.generators.next_scale.flowar.NextScaleFlowGenerator` from an official file.
 
     Args:
         path: ``FlowAR-{S,L,H}.pth`` (bare state dict; safetensors also accepted).
@@ -94,7 +94,7 @@ def load_generator(path: str | os.PathLike, **overrides):
     Raises:
         CheckpointError: not a FlowAR file, truncated, or shapes that do not match.
     """
-    from visar.generators.next_scale_flow import NextScaleFlowGenerator
+    from visar.generators.next_scale.flowar import NextScaleFlowGenerator
 
     path = str(path)
     state = unwrap_state_dict(read_checkpoint(path), path=path)

@@ -117,14 +117,14 @@ GPT_KEY_RULES_INVERSE = [
 
 
 def gpt_state_from_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official GPT keys -> :class:`~visar.generators.next_token.NextTokenGenerator` keys."""
+    """Official GPT keys -> :class:`~visar.generators.next_token.llamagen.NextTokenGenerator` keys."""
     from visar.convert.common import rename_keys
 
     return rename_keys({k: v for k, v in state.items() if k not in GPT_IGNORED_KEYS}, GPT_KEY_RULES)
 
 
 def gpt_state_to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """:class:`~visar.generators.next_token.NextTokenGenerator` keys -> official GPT keys."""
+    """:class:`~visar.generators.next_token.llamagen.NextTokenGenerator` keys -> official GPT keys."""
     from visar.convert.common import rename_keys
 
     return rename_keys(state, GPT_KEY_RULES_INVERSE)
@@ -138,7 +138,7 @@ def detect_gpt_config(state: Mapping[str, torch.Tensor], path: str = "checkpoint
     """
     import logging
 
-    from visar.generators.llama_trunk import llama_ffn_hidden
+    from visar.generators.components.llama_trunk import llama_ffn_hidden
 
     vocab, dim = state["tok_embeddings.weight"].shape
     if state["output.weight"].shape != (vocab, dim):
@@ -178,7 +178,7 @@ def _grid_from_filename(path: str) -> int | None:
 
 def load_generator(path: str | os.PathLike, **overrides: Any):
     """Load an official LlamaGen GPT checkpoint as a
-    :class:`~visar.generators.next_token.NextTokenGenerator` (eval mode).
+    :class:`~visar.generators.next_token.llamagen.NextTokenGenerator` (eval mode).
 
     Detects depth, width, vocabulary, classes, class- vs text-conditioning, caption width and the
     number of condition tokens from the state dict; heads from the official width table. The image
@@ -194,7 +194,7 @@ def load_generator(path: str | os.PathLike, **overrides: Any):
         CheckpointError: not a LlamaGen GPT file (e.g. a VQ or another family), truncated, holding
             pickled objects, or not matching the configuration.
     """
-    from visar.generators.next_token import NextTokenGenerator
+    from visar.generators.next_token.llamagen import NextTokenGenerator
 
     path = str(path)
     obj = read_checkpoint(path)

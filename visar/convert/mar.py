@@ -7,7 +7,7 @@
   encoder's down-block attention; loading is strict, so a file lacking it fails loudly.
 * :func:`load_generator`: MAR's ``checkpoint-last.pth`` (``{"model", "model_ema"}``; training
   checkpoints also carry ``optimizer``/``epoch``/``scaler``/``args``) ->
-  :class:`~visar.generators.masked.MaskedGenerator`, with the sizes detected from the state dict.
+  :class:`~visar.generators.masked.mar.MaskedGenerator`, with the sizes detected from the state dict.
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ _MAR_MARKERS = ("z_proj.weight", "fake_latent", "diffusion_pos_embed_learned", "
 
 def mar_config_from_state(state: Mapping[str, torch.Tensor], vae_stride: int = 16, vae_embed_dim: int = 16,
                           **overrides) -> dict:
-    """Constructor arguments of :class:`~visar.generators.masked.MaskedGenerator` detected from a state dict.
+    """Constructor arguments of :class:`~visar.generators.masked.mar.MaskedGenerator` detected from a state dict.
 
     Widths, depths, buffer size, token grid, class count, MLP ratio and the head size are read from tensor
     shapes; the number of attention heads is taken from the released models (768 -> 12, 1024/1280 -> 16)
@@ -173,7 +173,7 @@ def mar_config_from_state(state: Mapping[str, torch.Tensor], vae_stride: int = 1
 
 
 def load_generator(path: str | os.PathLike, use_ema: bool = True, **overrides):
-    """Load an official MAR checkpoint into :class:`~visar.generators.masked.MaskedGenerator`.
+    """Load an official MAR checkpoint into :class:`~visar.generators.masked.mar.MaskedGenerator`.
 
     Args:
         path: ``checkpoint-last.pth`` (``{"model", "model_ema"}``) or a bare state dict / safetensors file.
@@ -185,7 +185,7 @@ def load_generator(path: str | os.PathLike, use_ema: bool = True, **overrides):
         CheckpointError: pickled training state (``args``), optimizer-only files, non-MAR files,
             mismatching sizes.
     """
-    from visar.generators.masked import MaskedGenerator
+    from visar.generators.masked.mar import MaskedGenerator
 
     path = Path(path)
     try:

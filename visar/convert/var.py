@@ -23,7 +23,7 @@ import torch
 
 from visar.convert.common import (Converter, CheckpointError, load_state_strict, read_checkpoint, rename_keys,
                                   require_keys, unwrap_state_dict)
-from visar.generators.next_scale import SCHEDULE_256, SCHEDULE_512, NextScaleGenerator, block_causal_mask, scale_index
+from visar.generators.next_scale.var import SCHEDULE_256, SCHEDULE_512, NextScaleGenerator, block_causal_mask, scale_index
 from visar.registry import register
 
 log = logging.getLogger("visar")

@@ -66,7 +66,7 @@ def convert_state_dict(state: dict, model, path: str = "checkpoint") -> dict:
 
 
 def load_generator(path: str | os.PathLike, **overrides):
-    """Build a :class:`~visar.generators.next_x.NextXGenerator` from an official file.
+    """Build a :class:`~visar.generators.next_x.xar.NextXGenerator` from an official file.
 
     Args:
         path: ``xAR-{B,L,H}.pth`` (bare state dict; safetensors also accepted).
@@ -74,7 +74,7 @@ def load_generator(path: str | os.PathLike, **overrides):
     Raises:
         CheckpointError: not an xAR file, truncated, or shapes/buffers that do not match.
     """
-    from visar.generators.next_x import NextXGenerator
+    from visar.generators.next_x.xar import NextXGenerator
 
     path = str(path)
     state = unwrap_state_dict(read_checkpoint(path), path=path)

@@ -47,8 +47,8 @@ class StepState:
 class NextTokenModel(Protocol):
     """Raster-order next-token models (LlamaGen; the causal continuous model; CTF's coarse stage).
 
-    Written once in :class:`visar.generators.token_cache_steps.CachedTokenSteps`, whose state
-    (:class:`~visar.generators.token_cache_steps.NextTokenState`) carries ``batch``, ``guided``, ``rows``,
+    Written once in :class:`visar.generators.components.token_cache_steps.CachedTokenSteps`, whose state
+    (:class:`~visar.generators.components.token_cache_steps.NextTokenState`) carries ``batch``, ``guided``, ``rows``,
     ``cond_len`` and per-row ``lengths [R]``. It also offers ``decode_step(state, inputs [R, n, ...],
     pos [R], attend_len=None)``, the unchecked step samplers' hot loops use (and ``compiled_step(mode)``,
     its ``torch.compile``).

@@ -82,7 +82,7 @@ def decode_tokens(model: Any, cond: Condition, generator: torch.Generator | None
     """The cached AR loop on validated options: ``LongTensor [B, num_tokens]`` in raster order.
 
     ``model`` is a logits-emitting :class:`NextTokenModel`. Models built on
-    :class:`~visar.generators.token_cache_steps.CachedTokenSteps` run the unchecked ``decode_step``
+    :class:`~visar.generators.components.token_cache_steps.CachedTokenSteps` run the unchecked ``decode_step``
     attending to the written prefix only (or ``compiled_step`` over the whole cache when ``compile``);
     any other implementation of the protocol runs its ``step``. ``stats`` (if given) receives
     ``model_passes`` (the prefill counts 1) and ``tokens`` (image tokens drawn per row).
@@ -137,7 +137,6 @@ class AutoregressiveSampler(Sampler):
     protocol = NextTokenModel
     emits = "logits"
     defaults = AR_DEFAULTS
-
 
     def validate(self, options: dict[str, Any]) -> None:
         check_cfg_interval(options["cfg_interval"])

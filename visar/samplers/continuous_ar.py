@@ -2,7 +2,7 @@
 
 :class:`ContinuousARSampler` (registered ``"continuous_ar"``) drives a
 :class:`~visar.generators.protocol.NextTokenModel` with ``emits == "condition"`` (the causal "AR" variant of
-the MAR paper, :class:`~visar.generators.next_token_continuous.NextTokenContinuousGenerator`):
+the MAR paper, :class:`~visar.generators.next_token.continuous.NextTokenContinuousGenerator`):
 ``model.start(cond, guided)`` prefills the class token and gives ``z`` of token 0; for each token ``i``
 the head draws it from ``z`` (:func:`visar.samplers.heads.sample_head`), and ``model.step`` feeds it back
 for the ``z`` of token ``i + 1``. ``use_cache=False`` is the reference path: the model's teacher-forced
@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from visar.conditions import Condition
-from visar.generators.heads import MODEL_X0_CLIP, check_head_x0_clip, check_x0_clip
+from visar.generators.components.heads import MODEL_X0_CLIP, check_head_x0_clip, check_x0_clip
 from visar.generators.protocol import NextTokenModel
 from visar.nn.guidance import is_guided, ramp
 from visar.registry import register
@@ -64,7 +64,6 @@ class ContinuousARSampler(Sampler):
     protocol = NextTokenModel
     emits = "condition"
     defaults = CONTINUOUS_AR_DEFAULTS
-
 
     def validate(self, options: dict[str, Any]) -> None:
         check_num_steps(options["num_steps"])

@@ -1,6 +1,6 @@
 """Drive a token head's denoising chain: start noise, one head step at a time, the last step's Gaussian.
 
-Token heads (:mod:`visar.generators.heads`) expose one step: :meth:`DiffusionHead.step_gaussian` (a reverse
+Token heads (:mod:`visar.generators.components.heads`) expose one step: :meth:`DiffusionHead.step_gaussian` (a reverse
 step's Gaussian) and :meth:`FlowHead.solver_step` (one ODE step). This module owns the loop and every
 random draw, in MAR's official order (``N`` tokens of ``C`` channels, ``R = 2N`` rows when guided):
 
@@ -13,7 +13,7 @@ random draw, in MAR's official order (``N`` tokens of ``C`` channels, ``R = 2N``
 :func:`sample_head` is the whole chain. Continuous speculative decoding (``design/samplers.md`` §2) needs
 its pieces: :func:`head_start_noise` (shared start noise), :func:`run_chain` (the chain stopped before its
 last draw: the state entering the last step and that step's Gaussian, a :class:`ChainTail`) and
-:func:`finish_chain` (the last draw), with :class:`~visar.generators.heads.HeadNoise` to replay a trajectory.
+:func:`finish_chain` (the last draw), with :class:`~visar.generators.components.heads.HeadNoise` to replay a trajectory.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from visar.generators.heads import (MODEL_X0_CLIP, HeadNoise, HeadSample, check_head_x0_clip, randn_as,
+from visar.generators.components.heads import (MODEL_X0_CLIP, HeadNoise, HeadSample, check_head_x0_clip, randn_as,
                                     split_guided)
 
 

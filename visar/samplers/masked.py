@@ -1,7 +1,7 @@
 """MAR's masked random-order sampler (``sample_tokens`` of LTH14/mar), over the MaskedModel step protocol.
 
 :class:`MaskedSampler` (registered ``"masked"``) drives any :class:`~visar.generators.protocol.MaskedModel`
-(:class:`~visar.generators.masked.MaskedGenerator`). With ``L`` tokens and ``num_iter`` iterations:
+(:class:`~visar.generators.masked.mar.MaskedGenerator`). With ``L`` tokens and ``num_iter`` iterations:
 
 * one generation order per image: ``orders`` (``LongTensor [B, L]``), ``order_rng`` (numpy, the official
   stream: ``np.random.seed(0)`` is ``order_rng=0``) or ``torch.randperm`` rows from ``generator``, drawn
@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from visar.conditions import Condition
-from visar.generators.heads import MODEL_X0_CLIP, check_head_x0_clip, check_x0_clip
-from visar.generators.masked import mask_by_order, numpy_orders
+from visar.generators.components.heads import MODEL_X0_CLIP, check_head_x0_clip, check_x0_clip
+from visar.generators.masked.mar import mask_by_order, numpy_orders
 from visar.generators.protocol import MaskedModel
 from visar.nn.guidance import is_guided
 from visar.registry import register

@@ -1,7 +1,7 @@
 """VAR's next-scale sampler: one transformer step per scale over a static KV cache.
 
 Drives a :class:`~visar.generators.protocol.NextScaleModel` that emits logits (VAR,
-:class:`~visar.generators.next_scale.NextScaleGenerator`). Per scale ``k = 0..S-1`` (VAR's
+:class:`~visar.generators.next_scale.var.NextScaleGenerator`). Per scale ``k = 0..S-1`` (VAR's
 ``autoregressive_infer_cfg``):
 
 1. ``model.step(state, k)`` gives logits ``[R, n_k, V]``; when guided, rows ``0:B`` are conditional and
@@ -135,7 +135,6 @@ class NextScaleSampler(Sampler):
     emits = "logits"
     defaults = dict(cfg_scale=2.5, top_k=0, top_p=1.0, more_smooth=False, batch=None, return_fhat=False, record=None,
                     edit_tokens=None, edit_mask=None, compile=False, use_cache=True, progress=False)
-
 
     def validate(self, options: dict[str, Any]) -> None:
         for name in ("more_smooth", "return_fhat", "compile", "use_cache", "progress"):

@@ -15,7 +15,7 @@ one auxiliary pass (:meth:`CoarseToFineGenerator.fine_scores`) and an independen
 codewords of the position's cluster (``restrict_to_cluster``), which is what makes ``map(t_i) = c_i``
 hold by construction.
 
-The stage-1 model is :class:`~visar.generators.next_token.NextTokenGenerator` with
+The stage-1 model is :class:`~visar.generators.next_token.llamagen.NextTokenGenerator` with
 ``vocab_size = num_clusters``; the codeword -> cluster map and the hash of the codebook it was built on
 are buffers of this module, so a saved model carries its vocabulary with it.
 """
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from visar.generators.base import Condition, Generator
-from visar.generators.ctf_auxiliary import AuxiliaryModel
-from visar.generators.kmeans import build_cluster_map, codebook_hash
+from visar.generators.coarse_to_fine.auxiliary import AuxiliaryModel
+from visar.generators.coarse_to_fine.kmeans import build_cluster_map, codebook_hash
 from visar.registry import Preset, register
 from visar.utils.config import register_config
 from visar.utils.validation import check_tokens
@@ -72,7 +72,7 @@ class CoarseToFineGenerator(Generator):
         grid_size: token grid side (16 for 256 px with a downsample-16 VQ).
         coarse: keyword arguments of the stage-1 :class:`NextTokenGenerator` (width, depth, heads, ...);
             ``vocab_size``, ``num_classes`` and the grid are filled in here.
-        aux: keyword arguments of :class:`~visar.generators.ctf_auxiliary.AuxiliaryModel`
+        aux: keyword arguments of :class:`~visar.generators.coarse_to_fine.auxiliary.AuxiliaryModel`
             (``dim``, ``depth``, ``num_heads``, ``class_dropout_prob``, ...).
         restrict_to_cluster: score only the codewords of each position's cluster (loss and sampling).
         kmeans_seed, kmeans_iters: defaults of :meth:`fit_clusters`.
@@ -101,7 +101,7 @@ class CoarseToFineGenerator(Generator):
         self.register_buffer("codebook_sha256", torch.zeros(32, dtype=torch.uint8))
 
     def _build_coarse(self, kwargs: dict) -> Generator:
-        from visar.generators.next_token import NextTokenGenerator
+        from visar.generators.next_token.llamagen import NextTokenGenerator
 
         for k in ("vocab_size", "num_classes", "grid_size", "caption_dim"):
             if k in kwargs:
@@ -147,7 +147,7 @@ class CoarseToFineGenerator(Generator):
                              f"{cluster_map.dtype} {tuple(cluster_map.shape)}")
         check_tokens(cluster_map, self.num_clusters, name="cluster_map")
         if len(digest) != 64:
-            raise ValueError("digest must be the 64-character hex sha256 from visar.generators.kmeans.codebook_hash")
+            raise ValueError("digest must be the 64-character hex sha256 from visar.generators.coarse_to_fine.kmeans.codebook_hash")
         self.cluster_map.copy_(cluster_map.to(self.cluster_map.device, torch.long))
         self.codebook_sha256.copy_(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8))
         return self
@@ -287,7 +287,7 @@ class CoarseToFineGenerator(Generator):
         super().check_condition(cond)
 
 
-_C = "visar.generators.coarse_to_fine:CoarseToFineGenerator"
+_C = "visar.generators.coarse_to_fine.ctf:CoarseToFineGenerator"
 _PAPER = ("Guo, Zhang & Shieh 2025, Improving Autoregressive Image Generation through Coarse-to-Fine Token "
           "Prediction (arXiv 2503.16194): AR model on 512 k-means clusters of LlamaGen's 16384-codeword VQ, "
           "auxiliary model of ~343M parameters (LlamaGen-L shape)")

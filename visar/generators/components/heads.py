@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visar.generators.diffusion_schedule import get_schedule
+from visar.generators.components.diffusion_schedule import get_schedule
 from visar.nn.adaln import modulate
 from visar.nn.embeddings import TimestepEmbedding
 from visar.nn.guidance import cfg_mix

@@ -2,7 +2,7 @@
 
 Li et al. 2024, "Autoregressive Image Generation without Vector Quantization". An MAE-style
 bidirectional encoder/decoder (timm ViT blocks) turns the visible tokens into a conditioning vector
-``z`` for every position; a small per-token diffusion head (:class:`~visar.generators.heads.DiffusionHead`)
+``z`` for every position; a small per-token diffusion head (:class:`~visar.generators.components.heads.DiffusionHead`)
 models ``p(token | z)``.
 
 * Tokens: the tokenizer's latents ``[B, C, h, w]`` flattened row-major to ``L = h*w/p^2`` tokens of
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from visar.generators.base import Condition, Generator
-from visar.generators.heads import DiffusionHead, FlowHead, check_x0_clip_for_head
+from visar.generators.components.heads import DiffusionHead, FlowHead, check_x0_clip_for_head
 from visar.generators.protocol import StepState
 from visar.nn.attention import Attention
 from visar.nn.mlp import GeluMlp
@@ -155,7 +155,7 @@ class MaskedGenerator(Generator):
         x0_clip: diffusion head only: default clamp ``[-x0_clip, x0_clip]`` of the head's predicted clean
             token while sampling (visar option, saved with the model config); ``None`` = the official
             sampler. A head trained briefly from scratch needs it (5.0 for ~unit-std latents), see
-            :class:`~visar.generators.heads.DiffusionHead`.
+            :class:`~visar.generators.components.heads.DiffusionHead`.
     """
 
     family = "mar"
@@ -399,23 +399,23 @@ def _eval(cfg: float, fid: float, fid_nocfg: float) -> dict:
 
 
 PRESETS = {
-    "mar-b": Preset(cls="visar.generators.masked:MaskedGenerator", kwargs=_mar(768, 12, 12, 6, 1024),
+    "mar-b": Preset(cls="visar.generators.masked.mar:MaskedGenerator", kwargs=_mar(768, 12, 12, 6, 1024),
                     paper=_PAPER + " (MAR-B, 208M)", eval=_eval(2.9, 2.31, 3.48)),
-    "mar-l": Preset(cls="visar.generators.masked:MaskedGenerator", kwargs=_mar(1024, 16, 16, 8, 1280),
+    "mar-l": Preset(cls="visar.generators.masked.mar:MaskedGenerator", kwargs=_mar(1024, 16, 16, 8, 1280),
                     paper=_PAPER + " (MAR-L, 479M)", eval=_eval(3.0, 1.78, 2.60)),
-    "mar-h": Preset(cls="visar.generators.masked:MaskedGenerator", kwargs=_mar(1280, 20, 16, 12, 1536),
+    "mar-h": Preset(cls="visar.generators.masked.mar:MaskedGenerator", kwargs=_mar(1280, 20, 16, 12, 1536),
                     paper=_PAPER + " (MAR-H, 943M)", eval=_eval(3.2, 1.55, 2.35)),
     "mar-tiny": Preset(
-        cls="visar.generators.masked:MaskedGenerator",
+        cls="visar.generators.masked.mar:MaskedGenerator",
         kwargs={"img_size": 128, "vae_stride": 16, "patch_size": 1, "encoder_embed_dim": 32, "encoder_depth": 2,
                 "encoder_num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 2, "decoder_num_heads": 2,
                 "mlp_ratio": 4.0, "vae_embed_dim": 16, "buffer_size": 8, "diffloss_d": 2, "diffloss_w": 32,
                 "num_sampling_steps": 100, "class_num": 1000},
         paper="tiny MAR of the parity fixtures (8x8 tokens, width 32, 2+2 blocks)",
         eval={"num_iter": 4, "num_steps": 100, "cfg_scale": 3.0, "cfg_schedule": "linear", "temperature": 1.0}),
-    # the causal raster-order variant of the MAR paper (visar.generators.next_token_continuous)
+    # the causal raster-order variant of the MAR paper (visar.generators.next_token.continuous)
     "mar-ar-tiny": Preset(
-        cls="visar.generators.next_token_continuous:NextTokenContinuousGenerator",
+        cls="visar.generators.next_token.continuous:NextTokenContinuousGenerator",
         kwargs={"token_channels": 16, "grid_size": 8, "dim": 64, "depth": 2, "num_heads": 4, "num_classes": 10,
                 "head_width": 64, "head_depth": 2, "num_sampling_steps": 20},
         paper="causal raster-order continuous AR with diffusion loss (MAR paper, Li et al. 2024, Table 2 'AR'); "

@@ -10,9 +10,9 @@ numerics follow the official code (``OliverRensu/FlowAR``), see ``../shared/fixt
   area-downsampled to the next side; the input of the first scale is the class embedding itself.
 * An encoder and a decoder stack of :class:`~visar.nn.adaln_block.AdaLNBlock` (adaLN from the class
   embedding, block-causal over scales, 2D RoPE with each scale stretched onto the ``S``-grid) give
-  ``z [B, L, D]``; the flow head (:mod:`visar.generators.flow_head_transformer`) turns noise into the
+  ``z [B, L, D]``; the flow head (:mod:`visar.generators.components.flow_head_transformer`) turns noise into the
   tokens of each scale given ``z`` of that scale.
-* The encoder-decoder is :class:`~visar.generators.adaln_encoder_decoder.AdaLNEncoderDecoder`, shared
+* The encoder-decoder is :class:`~visar.generators.components.adaln_encoder_decoder.AdaLNEncoderDecoder`, shared
   with xAR.
 * Sampling (:mod:`visar.samplers.next_scale_flow`): per scale an Euler ODE from ``t = 1`` (noise) to
   ``t = 0`` on the official time grid, float64 state and float32 model calls, a linear CFG ramp over
@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visar.generators.adaln_encoder_decoder import AdaLNEncoderDecoder, TrunkState, check_rope_width
+from visar.generators.components.adaln_encoder_decoder import AdaLNEncoderDecoder, TrunkState, check_rope_width
 from visar.generators.base import Condition, Generator
-from visar.generators.entities import ScalePyramid
-from visar.generators.flow_head_transformer import FlowHeadTransformer
+from visar.generators.components.entities import ScalePyramid
+from visar.generators.components.flow_head_transformer import FlowHeadTransformer
 from visar.nn.embeddings import LabelEmbedding
 from visar.nn.kv_cache import CacheState
 from visar.nn.rope import grid_positions
@@ -250,28 +250,28 @@ _EVAL_SRC = "FlowAR README (OliverRensu/FlowAR @21835c0), see ../shared/fixtures
 
 PRESETS = {
     "flowar-s": Preset(
-        cls="visar.generators.next_scale_flow:NextScaleFlowGenerator",
+        cls="visar.generators.next_scale.flowar:NextScaleFlowGenerator",
         kwargs=dict(width=768, encoder_depth=6, decoder_depth=6, num_heads=12, head_width=1024, head_depth=2,
                     head_cross=False),
         paper="FlowAR-S (Ren et al., ICML 2025), FlowAR-S.pth, 171,718,072 parameters",
         eval=dict(image_size=256, num_steps=25, cfg_scale=4.3, guidance_high=0.9, tokenizer="mar-kl16",
                   source=_EVAL_SRC)),
     "flowar-l": Preset(
-        cls="visar.generators.next_scale_flow:NextScaleFlowGenerator",
+        cls="visar.generators.next_scale.flowar:NextScaleFlowGenerator",
         kwargs=dict(width=1024, encoder_depth=8, decoder_depth=8, num_heads=16, head_width=1024, head_depth=12,
                     head_cross=True),
         paper="FlowAR-L (Ren et al., ICML 2025), FlowAR-L.pth, 586,862,912 parameters",
         eval=dict(image_size=256, num_steps=25, cfg_scale=2.4, guidance_high=0.9, tokenizer="mar-kl16",
                   source=_EVAL_SRC)),
     "flowar-h": Preset(
-        cls="visar.generators.next_scale_flow:NextScaleFlowGenerator",
+        cls="visar.generators.next_scale.flowar:NextScaleFlowGenerator",
         kwargs=dict(width=1536, encoder_depth=15, decoder_depth=15, num_heads=16, head_width=1536, head_depth=12,
                     head_cross=True),
         paper="FlowAR-H (Ren et al., ICML 2025), FlowAR-H.pth, 1,913,316,880 parameters",
         eval=dict(image_size=256, num_steps=50, cfg_scale=2.4, guidance_high=0.7, tokenizer="mar-kl16",
                   source=_EVAL_SRC)),
     "flowar-tiny": Preset(
-        cls="visar.generators.next_scale_flow:NextScaleFlowGenerator",
+        cls="visar.generators.next_scale.flowar:NextScaleFlowGenerator",
         kwargs=dict(width=32, encoder_depth=2, decoder_depth=2, num_heads=2, head_width=64, head_depth=2,
                     head_cross=False),
         paper="tiny twin with random weights, the configuration of the FlowAR parity fixtures "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from visar.generators.entities import block_causal_mask
+from visar.generators.components.entities import block_causal_mask
 from visar.generators.protocol import StepState
 from visar.nn.adaln_block import AdaLNBlock
 from visar.nn.kv_cache import CacheState

@@ -458,17 +458,17 @@ _EVAL = dict(cfg_scale=2.5, top_k=900, top_p=0.96, more_smooth=False, num_images
              source="VAR README, 'Sampling & Zero-shot Inference': cfg=1.5, top_p=0.96, top_k=900, more_smooth=False")
 
 PRESETS = {
-    "var-d16": Preset("visar.generators.next_scale:NextScaleGenerator", _var(16), paper=_PAPER,
+    "var-d16": Preset("visar.generators.next_scale.var:NextScaleGenerator", _var(16), paper=_PAPER,
                       eval={**_EVAL, "image_size": 256, "reported_fid": 3.55}),
-    "var-d20": Preset("visar.generators.next_scale:NextScaleGenerator", _var(20), paper=_PAPER,
+    "var-d20": Preset("visar.generators.next_scale.var:NextScaleGenerator", _var(20), paper=_PAPER,
                       eval={**_EVAL, "image_size": 256, "reported_fid": 2.95}),
-    "var-d24": Preset("visar.generators.next_scale:NextScaleGenerator", _var(24), paper=_PAPER,
+    "var-d24": Preset("visar.generators.next_scale.var:NextScaleGenerator", _var(24), paper=_PAPER,
                       eval={**_EVAL, "image_size": 256, "reported_fid": 2.33}),
-    "var-d30": Preset("visar.generators.next_scale:NextScaleGenerator", _var(30), paper=_PAPER,
+    "var-d30": Preset("visar.generators.next_scale.var:NextScaleGenerator", _var(30), paper=_PAPER,
                       eval={**_EVAL, "image_size": 256, "reported_fid": 1.97}),
-    "var-d36": Preset("visar.generators.next_scale:NextScaleGenerator", _var(36, SCHEDULE_512, shared_adaln=True),
+    "var-d36": Preset("visar.generators.next_scale.var:NextScaleGenerator", _var(36, SCHEDULE_512, shared_adaln=True),
                       paper=_PAPER, eval={**_EVAL, "image_size": 512, "reported_fid": 2.63}),
-    "var-tiny": Preset("visar.generators.next_scale:NextScaleGenerator",
+    "var-tiny": Preset("visar.generators.next_scale.var:NextScaleGenerator",
                        dict(num_classes=10, vocab_size=64, token_dim=16, scales=[1, 2, 3, 4], depth=2, width=64,
                             num_heads=2), paper="visar test twin of VAR (64 px, 4 scales)",
                        eval={"cfg_scale": 2.5, "top_k": 0, "top_p": 1.0, "more_smooth": False, "image_size": 64,

@@ -4,12 +4,12 @@ Ren et al. 2025, "Beyond Next-Token: Next-X Prediction for Autoregressive Visual
 numerics follow the official code (``OliverRensu/xAR``), see ``../shared/fixtures/xar/README.md``.
 
 * The scaled KL latent ``[B, C, H, W]`` is turned into a sequence of *entities* by an
-  :class:`~visar.generators.entities.EntityLayout` -- token, cell, subsample, scale or image (the
+  :class:`~visar.generators.components.entities.EntityLayout` -- token, cell, subsample, scale or image (the
   released models: 8 x 8 cells of a 16 x 16 grid, i.e. 4 entities of 64 tokens). The transformer is
   block-causal over entities; every entity type runs through the same model, loss, sampler and cache.
 * There is no separate head: the transformer predicts the velocity ``v = eps - x`` of every token
   (``pred``) with the encoder-decoder shared with FlowAR
-  (:class:`~visar.generators.adaln_encoder_decoder.AdaLNEncoderDecoder`), conditioned per entity on
+  (:class:`~visar.generators.components.adaln_encoder_decoder.AdaLNEncoderDecoder`), conditioned per entity on
   ``class_emb(label) + time_embed(t_int)`` through the adaLN of :class:`~visar.nn.adaln_block.AdaLNBlock`
   (modulation computed once per entity, then expanded to its tokens).
 * Training, Noisy Context Learning: every entity gets its own ``t ~ sigmoid(N(0, 1))`` and its own
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from visar.generators.adaln_encoder_decoder import AdaLNEncoderDecoder, TrunkState
+from visar.generators.components.adaln_encoder_decoder import AdaLNEncoderDecoder, TrunkState
 from visar.generators.base import Condition, Generator
-from visar.generators.entities import EntityLayout, make_partition
+from visar.generators.components.entities import EntityLayout, make_partition
 from visar.nn.embeddings import LabelEmbedding, TimestepEmbedding, quantize_timestep, timestep_sinusoid
 from visar.nn.kv_cache import CacheState
 from visar.registry import Preset, register
@@ -65,7 +65,7 @@ class NextXGenerator(AdaLNEncoderDecoder, Generator):
         latent_size: side of the latent grid (16 for 256 px with KL-16).
         cell: for ``entity="cell"``: entity = ``cell x cell`` tokens (must divide ``latent_size``; 8 in
             the released models).
-        entity: entity type, a key of :data:`visar.generators.entities.ENTITY_TYPES`: ``"token"``,
+        entity: entity type, a key of :data:`visar.generators.components.entities.ENTITY_TYPES`: ``"token"``,
             ``"cell"``, ``"subsample"``, ``"scale"`` or ``"image"`` (see ``docs/xar.md``).
         stride: for ``entity="subsample"``: ``stride^2`` entities of tokens ``stride`` apart (must divide
             ``latent_size``).
@@ -243,22 +243,22 @@ _EVAL_SRC = "xAR README (OliverRensu/xAR @121e9c9), see ../shared/fixtures/xar/R
 
 PRESETS = {
     "xar-b": Preset(
-        cls="visar.generators.next_x:NextXGenerator",
+        cls="visar.generators.next_x.xar:NextXGenerator",
         kwargs=dict(width=768, encoder_depth=8, decoder_depth=8, num_heads=12),
         paper="xAR-B (Ren et al. 2025), xAR-B.pth, 172,638,224 parameters",
         eval=dict(image_size=256, num_steps=40, cfg_scale=2.7, tokenizer="mar-kl16", source=_EVAL_SRC)),
     "xar-l": Preset(
-        cls="visar.generators.next_x:NextXGenerator",
+        cls="visar.generators.next_x.xar:NextXGenerator",
         kwargs=dict(width=1024, encoder_depth=16, decoder_depth=16, num_heads=16),
         paper="xAR-L (Ren et al. 2025), xAR-L.pth, 608,397,968 parameters",
         eval=dict(image_size=256, num_steps=50, cfg_scale=2.3, tokenizer="mar-kl16", source=_EVAL_SRC)),
     "xar-h": Preset(
-        cls="visar.generators.next_x:NextXGenerator",
+        cls="visar.generators.next_x.xar:NextXGenerator",
         kwargs=dict(width=1280, encoder_depth=20, decoder_depth=20, num_heads=16),
         paper="xAR-H (Ren et al. 2025), xAR-H.pth, 1,186,024,096 parameters",
         eval=dict(image_size=256, num_steps=50, cfg_scale=2.2, tokenizer="mar-kl16", source=_EVAL_SRC)),
     "xar-tiny": Preset(
-        cls="visar.generators.next_x:NextXGenerator",
+        cls="visar.generators.next_x.xar:NextXGenerator",
         kwargs=dict(width=32, encoder_depth=2, decoder_depth=2, num_heads=2),
         paper="tiny twin with random weights, the configuration of the xAR parity fixtures "
               "(16x16x16 latents: 64 px with kl-tiny, 256 px with mar-kl16)",

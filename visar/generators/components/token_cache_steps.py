@@ -2,7 +2,7 @@
 
 :class:`CachedTokenSteps` implements :class:`~visar.generators.protocol.NextTokenModel`'s ``start`` /
 ``step`` / ``rewind`` (and the unchecked ``decode_step`` a sampler's hot loop uses) over a
-:class:`~visar.generators.llama_trunk.LlamaTrunk` with a static KV cache. A family mixes it in and
+:class:`~visar.generators.components.llama_trunk.LlamaTrunk` with a static KV cache. A family mixes it in and
 provides four hooks:
 
 * ``step_condition(cond, guided) -> (cond_tokens [R, C, D], cond_mask [R, C] or None)``: the embedded

@@ -8,7 +8,7 @@ logits head. Image tokens are ``LongTensor [B, h, w]`` (raster order) of a VQ to
   distribution of image token ``i`` given the condition and tokens ``< i``.
 * Training: ``loss(tokens, cond)`` (cross-entropy, class/caption dropout for CFG).
 * Step protocol over a static KV cache (:class:`~visar.generators.protocol.NextTokenModel`: ``start`` /
-  ``step`` / ``rewind`` / ``decode_step``, from :class:`~visar.generators.token_cache_steps.CachedTokenSteps`),
+  ``step`` / ``rewind`` / ``decode_step``, from :class:`~visar.generators.components.token_cache_steps.CachedTokenSteps`),
   emitting raw float32 logits ``[R, n, V]``; samplers drive it. ``sample(cond, generator, **options)``
   delegates to the default sampler, :class:`~visar.samplers.autoregressive.AutoregressiveSampler`.
 """
@@ -23,8 +23,8 @@ from torch import nn
 
 from visar.conditions import cat_conditions
 from visar.generators.base import Condition, Generator
-from visar.generators.llama_trunk import CaptionEmbedding, LlamaTrunk, init_llama_weights
-from visar.generators.token_cache_steps import CachedTokenSteps, NextTokenState  # noqa: F401 (re-exported)
+from visar.generators.components.llama_trunk import CaptionEmbedding, LlamaTrunk, init_llama_weights
+from visar.generators.components.token_cache_steps import CachedTokenSteps, NextTokenState  # noqa: F401 (re-exported)
 from visar.nn.embeddings import LabelEmbedding
 from visar.registry import Preset, register
 from visar.utils.config import register_config
@@ -246,7 +246,7 @@ class NextTokenGenerator(CachedTokenSteps, Generator):
                              "token ids; pair the generator with the VQ it was trained on")
 
 
-_C = "visar.generators.next_token:NextTokenGenerator"
+_C = "visar.generators.next_token.llamagen:NextTokenGenerator"
 _PAPER = "Sun et al. 2024, Autoregressive Model Beats Diffusion: Llama for Scalable Image Generation (arXiv 2406.06525)"
 _EVAL_SRC = ("LlamaGen GETTING_STARTED.md 'Sampling' commands and README FID table (commit ce98ec4): "
              "sample_c2i_ddp.py, 50k samples, ADM evaluator against VIRTUAL_imagenet256_labeled.npz")

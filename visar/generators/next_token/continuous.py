@@ -3,14 +3,14 @@
 Li et al. 2024 (MAR), section 5.1 / Table 2 compare the masked, bidirectional MAR with a plain causal
 transformer that predicts the next token in raster order, both with the diffusion loss. The official
 repository has no code or weights for this variant; visar builds it from the paper on the same causal
-Llama trunk as the discrete next-token generator (:class:`~visar.generators.llama_trunk.LlamaTrunk`,
+Llama trunk as the discrete next-token generator (:class:`~visar.generators.components.llama_trunk.LlamaTrunk`,
 static KV cache, 2D RoPE, one class token):
 
 * tokens: the tokenizer's latents ``[B, C, h, w]`` -> ``L = h w / p^2`` raster tokens of ``C p^2``
   channels (same patchify as MAR);
 * input: ``z_proj`` (linear) of tokens ``0..L-2`` after the class token; the hidden state at sequence
   position ``i`` (class token = position 0) is the head conditioning ``z_i`` of image token ``i``;
-* head: :class:`~visar.generators.heads.DiffusionHead` (or a flow head), loss on every token, each token
+* head: :class:`~visar.generators.components.heads.DiffusionHead` (or a flow head), loss on every token, each token
   repeated ``diffusion_batch_mul`` times as in MAR;
 * CFG: rows ``[cond; uncond]`` through the transformer, guidance on the head's noise prediction.
 
@@ -19,7 +19,7 @@ The step protocol (:class:`~visar.generators.protocol.NextTokenModel` with ``emi
 discrete generator's, so samplers (continuous speculative decoding) can drive it; the conditioning vectors
 replace the logits. The raster loop (guidance constant or MAR's linear ramp, the head chain) is the
 default sampler :class:`visar.samplers.continuous_ar.ContinuousARSampler`.
-The preset ``mar-ar-tiny`` is registered with the MAR presets in :mod:`visar.generators.masked`.
+The preset ``mar-ar-tiny`` is registered with the MAR presets in :mod:`visar.generators.masked.mar`.
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from visar.generators.base import Condition, Generator
-from visar.generators.heads import DiffusionHead, FlowHead, check_x0_clip_for_head
-from visar.generators.llama_trunk import LlamaTrunk, init_llama_weights
-from visar.generators.masked import patchify, unpatchify
-from visar.generators.token_cache_steps import CachedTokenSteps
+from visar.generators.components.heads import DiffusionHead, FlowHead, check_x0_clip_for_head
+from visar.generators.components.llama_trunk import LlamaTrunk, init_llama_weights
+from visar.generators.masked.mar import patchify, unpatchify
+from visar.generators.components.token_cache_steps import CachedTokenSteps
 from visar.nn.embeddings import LabelEmbedding
 from visar.registry import register
 from visar.utils.config import register_config
@@ -58,7 +58,7 @@ class NextTokenContinuousGenerator(CachedTokenSteps, Generator):
         x0_clip: diffusion head only: default clamp ``[-x0_clip, x0_clip]`` of the head's predicted clean
             token while sampling (saved with the model config); ``None`` = MAR's sampler. A head trained
             briefly from scratch needs it (5.0 for ~unit-std latents), see
-            :class:`~visar.generators.heads.DiffusionHead`.
+            :class:`~visar.generators.components.heads.DiffusionHead`.
     """
 
     family = "mar-ar"

@@ -2,7 +2,7 @@
 
 The trunk knows nothing about what a token is: it maps **condition tokens** ``[B, C, D]`` followed by
 **input embeddings** ``[B, N, D]`` to hidden states after the final RMSNorm. The discrete generator
-(:mod:`visar.generators.next_token`) adds a token embedding and a logits head around it; a
+(:mod:`visar.generators.next_token.llamagen`) adds a token embedding and a logits head around it; a
 continuous-token variant adds a linear input projection and a diffusion head instead.
 
 Sequence layout (LlamaGen): positions ``0..C-1`` hold the condition tokens (one class embedding, or
