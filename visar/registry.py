@@ -41,6 +41,7 @@ MODULES = [
     "visar.samplers.next_scale_flow",
     "visar.samplers.next_x",
     "visar.samplers.coarse_to_fine",
+    "visar.samplers.flow_map",
     "visar.train.tasks",
     "visar.convert.llamagen",
     "visar.convert.var",

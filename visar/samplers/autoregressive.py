@@ -78,7 +78,7 @@ def draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 def decode_tokens(model: Any, cond: Condition, generator: torch.Generator | None, cfg_scale: float,
                   cfg_interval: int, temperature: float, top_k: int, top_p: float, num_tokens: int,
                   progress: bool = False, compile: bool = False, compile_mode: str | None = None,
-                  stats: dict | None = None) -> torch.Tensor:
+                  stats: dict | None = None, pick: Any = None) -> torch.Tensor:
     """The cached AR loop on validated options: ``LongTensor [B, num_tokens]`` in raster order.
 
     ``model`` is a logits-emitting :class:`NextTokenModel`. Models built on
@@ -110,8 +110,8 @@ def decode_tokens(model: Any, cond: Condition, generator: torch.Generator | None
             fed = out[:, t - 1:t].repeat(R // B, 1)  # [R, 1]: both CFG halves get the same token
             pos.fill_(t - 1)
             logits = step(fed, t)[:, 0]
-        out[:, t] = draw(guided_logits(logits, B, cfg_scale, t, cfg_interval), temperature, top_k, top_p,
-                         generator)
+        guided = guided_logits(logits, B, cfg_scale, t, cfg_interval)
+        out[:, t] = draw(guided, temperature, top_k, top_p, generator) if pick is None else pick(guided, t)
     if stats is not None:
         stats.update(model_passes=L, tokens=L)
     return out
