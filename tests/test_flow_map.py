@@ -21,6 +21,19 @@ def _counts(tokens: torch.Tensor, V: int) -> torch.Tensor:
     return torch.bincount(tokens, minlength=V).double()
 
 
+def _gof_pvalue(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Chi-square p-value of ``counts`` against ``expected`` (same total); cells expecting < 5 are pooled.
+    Asserts first that nothing fell outside the support (cells expecting 0)."""
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "samples outside the support"
+    e, c = expected[keep], counts[keep]
+    big = e >= 5
+    obs, exp = c[big], e[big]
+    if (~big).any():
+        obs, exp = torch.cat([obs, c[~big].sum()[None]]), torch.cat([exp, e[~big].sum()[None]])
+    return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_heun_16_preserves_the_law_and_coarse_euler_does_not(seed):
     g = torch.Generator().manual_seed(seed)
@@ -78,14 +91,7 @@ def test_sequence_map_reproduces_the_models_joint(opts):
     out = FlowMapSampler(codebook=codebook)(m, Condition.of([1] * n), torch.Generator().manual_seed(0),
                                             num_tokens=2, **opts)
     counts = torch.bincount(out[:, 0] * V + out[:, 1], minlength=V * V).double()
-    expected = (_exact_joint(m, 1, opts) * n).flatten()
-    keep = expected > 0
-    assert counts[~keep].sum() == 0  # nothing outside the support (top-k)
-    e, c = expected[keep], counts[keep]
-    big = e >= 5  # pool the small cells
-    obs = torch.cat([c[big], c[~big].sum()[None]]) if (~big).any() else c[big]
-    exp = torch.cat([e[big], e[~big].sum()[None]]) if (~big).any() else e[big]
-    assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > ALPHA / 2
+    assert _gof_pvalue(counts, (_exact_joint(m, 1, opts) * n).flatten()) > ALPHA / 2
 
 
 def test_same_noise_same_image_and_prefix_consistency():
@@ -117,3 +123,33 @@ def test_flow_map_sampler_bad_input():
         flow_map(torch.randn(2, 4), torch.full((2, 6), 0.5, dtype=torch.float64), cb)
     with pytest.raises(ValueError, match="shapes disagree"):
         flow_map(torch.randn(2, 3), torch.full((2, 6), 1 / 6), cb)
+
+
+def _var_tiny():
+    torch.manual_seed(0)
+    m = zoo.create("var-tiny").eval()
+    m.bind_tokenizer(zoo.create("var-vqvae-tiny"))
+    return m
+
+
+def test_next_scale_flow_map_reproduces_vars_first_scale_law_and_is_prefix_consistent():
+    from visar.samplers.flow_map import NextScaleFlowMapSampler
+
+    m, n = _var_tiny(), 3_000
+    record = {}
+    s = NextScaleFlowMapSampler(cfg_scale=3.0, top_k=20)
+    out = s(m, Condition.of([2] * n), torch.Generator().manual_seed(0), record=record)
+    p = torch.softmax(record["filtered_logits"][0][0, 0].double(), -1)  # scale 0: one token, same law per row
+    counts = torch.bincount(out[0].flatten(), minlength=p.numel()).double()
+    assert _gof_pvalue(counts, p * n) > ALPHA
+    # noise of scale 2 changes nothing at scales 0 and 1
+    L, C = sum(pn * pn for pn in m.scales), m.quantizer.embedding.weight.shape[1]
+    noise = torch.randn(4, L, C, generator=torch.Generator().manual_seed(1))
+    a = s(m, Condition.of([0, 1, 2, 3]), noise=noise)
+    changed = noise.clone()
+    changed[:, 5:14] = torch.randn(4, 9, C, generator=torch.Generator().manual_seed(2))  # scale 2 (3x3) = tokens 5..13
+    b = s(m, Condition.of([0, 1, 2, 3]), noise=changed)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(torch.equal(x, y) for x, y in zip(a, s(m, Condition.of([0, 1, 2, 3]), noise=noise.clone())))
+    with pytest.raises(ValueError, match="more_smooth"):
+        s(m, Condition.of([0]), more_smooth=True)

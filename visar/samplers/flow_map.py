@@ -29,6 +29,7 @@ from visar.generators.protocol import NextTokenModel
 from visar.registry import register
 from visar.samplers.autoregressive import AR_DEFAULTS, AutoregressiveSampler, check_num_tokens, decode_tokens
 from visar.samplers.logits import check_finite, process_logits
+from visar.samplers.next_scale import NextScaleSampler
 
 SOLVERS = ("heun", "euler")
 
@@ -143,11 +144,7 @@ class FlowMapSampler(AutoregressiveSampler):
         super().validate(options)
         if options["codebook"] is None:
             raise ValueError("FlowMapSampler needs codebook=: the VQ tokenizer of the pipeline (or its [V, C] codebook)")
-        if options["solver"] not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {options['solver']!r}")
-        steps = options["num_flow_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_flow_steps must be an integer >= 1, got {steps!r}")
+        check_flow_options(options)
 
     @torch.no_grad()
     def run(self, model: Any, cond: Condition, generator: torch.Generator | None, **options: Any) -> torch.Tensor:
@@ -181,4 +178,65 @@ class FlowMapSampler(AutoregressiveSampler):
         return out
 
 
-__all__ = ["SOLVERS", "flow_map", "x1_prediction", "codebook_of", "FlowMapSampler"]
+def check_flow_options(options: dict[str, Any]) -> None:
+    if options["solver"] not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {options['solver']!r}")
+    steps = options["num_flow_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_flow_steps must be an integer >= 1, got {steps!r}")
+
+
+@register("sampler", "flow_map_scale")
+class NextScaleFlowMapSampler(NextScaleSampler):
+    """VAR sampling through the teacher flow map (Distilled Decoding, next-scale form).
+
+    Within a scale the tokens are independent given the coarser scales, so token ``j`` of scale ``k`` is
+    ``flow_map(noise[:, off_k + j], p_{k, j}, codebook)`` with ``p`` the distribution VAR's sampler draws
+    from (guidance ramp, top-k, top-p) and the codebook the quantizer's ``embedding.weight`` (not
+    normalised in VAR). Same noise, same image; the token law is VAR's (up to the solver error).
+
+    Options: :class:`~visar.samplers.next_scale.NextScaleSampler`'s plus ``noise`` (``[B, L, C]`` over all
+    ``L = sum(pn_k^2)`` tokens, ``C`` the code dimension; ``None``: drawn from ``generator`` after any
+    random labels), ``num_flow_steps`` (16) and ``solver`` (``"heun"``).
+    """
+
+    name = "flow_map_scale"
+    defaults = {**NextScaleSampler.defaults, "noise": None, "num_flow_steps": 16, "solver": "heun"}
+
+    def validate(self, options: dict[str, Any]) -> None:
+        super().validate(options)
+        check_flow_options(options)
+        if options["more_smooth"]:
+            raise ValueError("more_smooth replaces the drawn codes by Gumbel-softmax mixtures; it has no flow-map form")
+
+    @torch.no_grad()
+    def run(self, model: Any, cond: Condition, generator: torch.Generator | None, *, noise: Any,
+            num_flow_steps: int, solver: str, **options: Any) -> Any:
+        codebook = model.quantizer.embedding.weight.detach()
+        B, C = cond.batch_size, codebook.shape[1]
+        sizes = [pn * pn for pn in model.scales]
+        L = sum(sizes)
+        if noise is None:
+            noise = torch.randn(B, L, C, generator=generator, device=generator.device if generator is not None
+                                else codebook.device)
+        elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (B, L, C) or not noise.is_floating_point():
+            raise ValueError(f"noise must be a float tensor [B, L, C] = [{B}, {L}, {C}] (all scales' tokens), got "
+                             f"{getattr(noise, 'shape', type(noise).__name__)}")
+        offsets = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+        self._flow = (noise, offsets, codebook, num_flow_steps, solver)
+        try:
+            out = super().run(model, cond, generator, **options)
+        finally:
+            del self._flow
+        self.stats["flow_evaluations"] = 2 * num_flow_steps - 1 if solver == "heun" else num_flow_steps
+        return out
+
+    def pick(self, logits: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+        noise, off, codebook, steps, solver = self._flow
+        B, n, V = logits.shape
+        probs = torch.softmax(logits.float(), dim=-1).reshape(B * n, V)
+        eps = noise[:, off[k]:off[k + 1]].reshape(B * n, -1).to(probs.device)
+        return flow_map(eps, probs, codebook.to(probs.device), steps, solver).view(B, n)
+
+
+__all__ = ["SOLVERS", "flow_map", "x1_prediction", "codebook_of", "FlowMapSampler", "NextScaleFlowMapSampler"]

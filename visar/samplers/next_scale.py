@@ -196,7 +196,7 @@ class NextScaleSampler(Sampler):
             logits = filter_logits(logits, top_k, top_p)
             if record is not None:
                 record.setdefault("filtered_logits", []).append(logits.clone())
-            idx = draw(logits, generator)  # [B, n]
+            idx = self.pick(logits, k, generator)  # [B, n]
             h = smooth_codes(logits, q.embedding.weight, ratio, pn, generator) if more_smooth else q.embed(idx, k)
             if edit_tokens is not None:
                 keep = edit_mask_at(edit_mask, pn).bool()  # [B, 1, pn, pn]
@@ -208,6 +208,12 @@ class NextScaleSampler(Sampler):
             if nxt is not None:
                 model.set_next_input(state, k + 1, nxt)
         return (out, f_hat) if return_fhat else out
+
+
+    def pick(self, logits: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Token ids ``[B, n]`` of scale ``k`` from its guided, filtered logits ``[B, n, V]`` (one multinomial
+        draw per token, as VAR; subclasses such as the flow-map sampler replace the draw)."""
+        return draw(logits, generator)
 
 
 def sample(model: Any, cond: Labels, generator: torch.Generator | None = None, **options: Any) -> Any:
