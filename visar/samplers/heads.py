@@ -57,6 +57,9 @@ class ChainTail:
             temperature; flow: 1, its temperature is inside ``step_std = final_std * temperature``).
         n: ``N``, the token rows (the first ``N`` rows of ``mean``).
         guided: rows are ``[cond; uncond]``.
+        path_log_std: ``[R or N, C]`` sum of ``log`` of the un-tempered std of every step before the last
+            (diffusion; zeros for flow), only when :func:`run_chain` ran with ``trace_std=True``, else
+            ``None`` (the relaxed acceptance of continuous speculative decoding uses it).
     """
 
     state: torch.Tensor
@@ -65,6 +68,7 @@ class ChainTail:
     noise_scale: float
     n: int
     guided: bool
+    path_log_std: torch.Tensor | None = None
 
     @property
     def std(self) -> torch.Tensor:
@@ -118,35 +122,41 @@ def _step_noise(k: int, x: torch.Tensor, guided: bool, generator: torch.Generato
 
 
 def _run(head: Any, z: torch.Tensor, start: torch.Tensor, a: ChainArgs, cfg, temperature: float,
-         generator: torch.Generator | None, noise: HeadNoise | None) -> ChainTail:
+         generator: torch.Generator | None, noise: HeadNoise | None, trace_std: bool = False) -> ChainTail:
     if head.kind == "flow":
         x = start * temperature
         ts = head.time_grid(a.steps)
         for k in range(a.steps):
             x = head.solver_step(x, ts[k], ts[k + 1], z, cfg, a.guided)
         std = torch.full_like(x, head.final_std * temperature)
-        return ChainTail(x, x, std, 1.0, a.n, a.guided)
+        return ChainTail(x, x, std, 1.0, a.n, a.guided, torch.zeros_like(x) if trace_std else None)
     x = torch.cat([start, start], dim=0) if a.guided else start
+    path = torch.zeros_like(x) if trace_std else None
+    sch = head.schedule(a.steps)  # arguments were checked once by check_chain
     for k, i in enumerate(range(a.steps - 1, 0, -1)):
-        mean, std = head.step_gaussian(x, i, z, a.steps, cfg, a.guided, a.x0_clip)
+        mean, std = head.reverse_gaussian(sch, x, i, z, cfg, a.guided, a.x0_clip)
+        if trace_std:
+            path = path + std.log()
         x = mean + 1.0 * std * _step_noise(k, x, a.guided, generator, noise) * temperature
-    mean, std = head.step_gaussian(x, 0, z, a.steps, cfg, a.guided, a.x0_clip)
-    return ChainTail(x, mean, std, temperature, a.n, a.guided)
+    mean, std = head.reverse_gaussian(sch, x, 0, z, cfg, a.guided, a.x0_clip)
+    return ChainTail(x, mean, std, temperature, a.n, a.guided, path)
 
 
 @torch.no_grad()
 def run_chain(head: Any, z: torch.Tensor, start: torch.Tensor, steps: int | None = None,
               cfg: float | torch.Tensor = 1.0, temperature: float = 1.0, generator: torch.Generator | None = None,
               noise: HeadNoise | None = None, guided: bool | None = None,
-              x0_clip: Any = MODEL_X0_CLIP) -> ChainTail:
+              x0_clip: Any = MODEL_X0_CLIP, trace_std: bool = False) -> ChainTail:
     """Run the chain from ``start [N, C]`` (:func:`head_start_noise`) up to its last random draw.
 
     Diffusion: every reverse step but the last (each with its noise draw), then the last step's Gaussian;
     flow: every ODE step, then the Gaussian ``N(endpoint, (final_std * temperature)^2)``. Arguments as
-    :func:`sample_head`. Returns a :class:`ChainTail`; :func:`finish_chain` makes the tokens.
+    :func:`sample_head`; ``cfg`` may also be a per-token ``[N, 1]`` tensor (a schedule evaluated at each
+    token's own position); ``trace_std`` fills :attr:`ChainTail.path_log_std`. Returns a :class:`ChainTail`;
+    :func:`finish_chain` makes the tokens.
     """
     a = check_chain(head, z, steps, temperature, cfg, guided, x0_clip, noise)
-    return _run(head, z, start, a, cfg, temperature, generator, noise)
+    return _run(head, z, start, a, cfg, temperature, generator, noise, trace_std)
 
 
 @torch.no_grad()

@@ -62,6 +62,15 @@ def generation_orders(batch: int, num_tokens: int, orders: torch.Tensor | None, 
     return orders
 
 
+def step_cfg(scale: float, schedule: str, mask_len: int, num_tokens: int, device: torch.device) -> Any:
+    """Guidance scale of a masked step: constant, or MAR's ramp ``1 + (s - 1)(L - mask_len) / L`` over the
+    tokens known after the step, in float32 tensor arithmetic as the official code (bit-exact)."""
+    if schedule == "linear":
+        mlen = torch.tensor([float(mask_len)], device=device)
+        return 1 + (scale - 1) * (num_tokens - mlen) / num_tokens
+    return scale
+
+
 @register("sampler", "masked")
 class MaskedSampler(Sampler):
     """MAR's iterative masked sampler.
@@ -119,12 +128,7 @@ class MaskedSampler(Sampler):
             to_pred = mask if step >= num_iter - 1 else mask & ~mask_next
             mask = mask_next
             z = z[torch.cat([to_pred, to_pred], dim=0) if guided else to_pred]  # (half, image, position)
-            if cfg_schedule == "linear":
-                # float32 tensor arithmetic as in the official code (bit-exact guidance scale)
-                mlen = torch.tensor([float(mask_len)], device=dev)
-                cfg_iter = 1 + (cfg_scale - 1) * (L - mlen) / L
-            else:
-                cfg_iter = cfg_scale
+            cfg_iter = step_cfg(cfg_scale, cfg_schedule, mask_len, L, dev)
             new = self.head_tokens(model.head, z, steps=num_steps, cfg=cfg_iter, temperature=temperature,
                                    generator=generator, final_noise=final_noise, guided=guided, x0_clip=x0_clip)
             self.stats["rows_per_step"].append(int(z.shape[0]))
