@@ -37,7 +37,7 @@ from torch import nn
 
 from visar.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from visar.train.config import DataConfig, TrainConfig
-from visar.train.optim import EMA, lr_at, param_groups
+from visar.train.optim import EMA, ema_rule, lr_at, param_groups
 from visar.train.tasks import make_task
 
 log = logging.getLogger("visar.train")
@@ -187,6 +187,31 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``[decay, no decay]`` groups split by ``optim.weight_decay_groups`` (:func:`param_groups`)."""
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, o.weight_decay_groups)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def resume_decay_rule(cfg: TrainConfig, meta: dict, path: Path) -> str:
+    """The weight-decay grouping a checkpoint's optimizer state was built with: its config's
+    ``optim.weight_decay_groups``, or ``legacy`` for checkpoints written before that key existed (resumed with
+    it, logged). A recorded rule other than this run's raises :class:`CheckpointMismatch`."""
+    saved = (meta.get("config") or {}).get("optim", {})
+    want = cfg.optim.weight_decay_groups
+    if "weight_decay_groups" not in saved:
+        if want != "legacy":
+            log.info("%s predates optim.weight_decay_groups: resuming with its legacy weight-decay groups", path)
+        return "legacy"
+    if saved["weight_decay_groups"] != want:
+        raise CheckpointMismatch(f"cannot resume from {path}: its optimizer state was grouped with "
+                                 f"optim.weight_decay_groups={saved['weight_decay_groups']}, this run asks for "
+                                 f"{want}; resume with optim.weight_decay_groups={saved['weight_decay_groups']} or "
+                                 "start a new run (another train.output_dir or train.resume=never)")
+    return want
+
+
 def _model_identity(model: nn.Module) -> dict:
     cls = f"{type(model).__module__}.{type(model).__qualname__}"
     return {"model_class": cls, "model_config": getattr(model, "config", None)}
@@ -250,8 +275,8 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
         log.info("task %s: %s with %.2fM trainable parameters, %d processes, global batch %d, %d steps",
                  cfg.task, type(model).__name__, n_params / 1e6, world, t.batch_size, t.steps)
 
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    ema = EMA(model, t.ema_decay)
+    optimizer = build_optimizer(model, cfg)
+    ema = EMA(model, **ema_rule(model, o.ema, t.ema_decay))
     identity = _model_identity(model)
 
     # ---- resume
@@ -273,6 +298,9 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
 
         load_state_strict(model, m_state, source=str(resume_path / "model.safetensors"))
         ema.load_state_dict(e_state)
+        if resume_decay_rule(cfg, meta, resume_path) != o.weight_decay_groups:
+            o.weight_decay_groups = "legacy"  # also what later checkpoints of this run record
+            optimizer = build_optimizer(model, cfg)
         optimizer.load_state_dict(tr_state["optimizer"])
         start = int(meta["step"])
         rngs = tr_state["rng"]
