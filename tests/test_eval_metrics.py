@@ -118,7 +118,7 @@ def test_bad_inputs_fail_before_feature_extraction(tmp_path):
     with pytest.raises(ValueError, match="has neither: it needs 'arr_0'"):
         metrics.compute_metrics(tmp_path / "bad.npz", _images(0), **kw)
     with pytest.raises(ValueError, match="kid_subset_size=1000.*have 6"):
-        metrics.compute_metrics(_images(0), _images(1), fid=False, isc=False, prc=False, **kw)
+        metrics.compute_metrics(_images(0), _images(1), fid=False, isc=False, prc=False, kid_subset_size=1000, **kw)
     with pytest.raises(ValueError, match="isc_splits=10"):
         metrics.compute_metrics(_images(0), None, fid=False, kid=False, prc=False, **kw)
     np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))

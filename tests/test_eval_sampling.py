@@ -189,8 +189,13 @@ def test_bad_sampling_inputs(tmp_path):
     (tmp_path / "b" / "images" / "000000.png").write_bytes(b"x")
     with pytest.raises(ValueError, match="no samples.json"):
         sampling.sample_to_folder(pipe, tmp_path / "b", 4, "balanced", progress=False)
-    with pytest.raises(TypeError, match="JSON"):
+    # a bad option value is refused by the sampler's own check, before anything is written
+    with pytest.raises(TypeError, match="cfg_scale must be a number"):
         sampling.sample_to_folder(pipe, tmp_path / "c", 4, "balanced", progress=False, cfg_scale=object())
+    assert not (tmp_path / "c").exists()
+    # an option the sampler accepts but JSON cannot hold cannot be recorded
+    with pytest.raises(TypeError, match="JSON"):
+        sampling._jsonable_options({"orders": object()})
 
 
 def llamagen_tiny_pipeline() -> Pipeline:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Pipeline", "Condition", "list_models", "__version__"]
+__all__ = ["load", "Pipeline", "Condition", "list_models", "zoo", "__version__"]
 
 
 def __getattr__(name: str):
@@ -26,4 +26,8 @@ def __getattr__(name: str):
         from visar import zoo
 
         return getattr(zoo, name)
+    if name == "zoo":  # ``import visar; visar.zoo.create("var-d16")`` as the README writes it
+        import importlib
+
+        return importlib.import_module("visar.zoo")
     raise AttributeError(f"module 'visar' has no attribute {name!r}")

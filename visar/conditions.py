@@ -38,13 +38,32 @@ class Condition:
                                 for k, v in self.__dict__.items()})
 
     @classmethod
-    def of(cls, labels: Any) -> "Condition":
-        """Condition from class ids given as an int, a list or a tensor."""
+    def of(cls, labels: Any, name: str = "class_ids") -> "Condition":
+        """Condition from class ids given as an int, a sequence of ints, or an integer tensor / array.
+
+        Raises a ``TypeError`` naming ``name`` for anything else (floats, strings, bools), and a
+        ``ValueError`` for an empty batch.
+        """
         if isinstance(labels, Condition):
             return labels
+        if isinstance(labels, (str, bytes)):
+            raise TypeError(f"{name} must be integer class ids (an int, a list of ints or an integer tensor), got "
+                            f"the string {labels!r}; class names are not looked up, pass their ids")
+        if isinstance(labels, bool) or (isinstance(labels, (list, tuple)) and any(isinstance(x, bool) for x in labels)):
+            raise TypeError(f"{name} must be integer class ids, not booleans: got {labels!r}")
         if isinstance(labels, int):
             labels = [labels]
-        return cls(labels=torch.as_tensor(labels, dtype=torch.long).reshape(-1))
+        try:
+            t = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be integer class ids (an int, a list of ints or an integer tensor), got "
+                            f"{type(labels).__name__} {labels!r:.80}") from e
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty: give at least one class id")
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{name} must be integer class ids, got {t.dtype} values "
+                            f"{t.reshape(-1)[:4].tolist()}; pass ints (e.g. [0, 3])")
+        return cls(labels=t.to(torch.long).reshape(-1))
 
 
 def cat_conditions(a: Condition, b: Condition) -> Condition:

@@ -8,6 +8,7 @@ Options resolve as: the call's, then the pipeline's ``sampling_defaults``, then 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -94,7 +95,7 @@ class Pipeline:
             return self.text_encoder(prompts)
         if class_ids is None:
             raise ValueError("give class ids (or prompts for a text-to-image pipeline)")
-        return Condition.of(class_ids)
+        return Condition.of(class_ids, "class_ids")
 
     def resolve_sampler(self, sampler: "Sampler | str | None" = None) -> Sampler:
         """The sampler a call uses: ``sampler`` if given (object or registered name), else the pipeline's."""
@@ -115,11 +116,13 @@ class Pipeline:
                  generator: torch.Generator | None = None, sampler: "Sampler | str | None" = None,
                  **options) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in ``[-1, 1]`` (clamped), drawn by ``sampler`` (default: the pipeline's)."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int (or None to use generator=), got {type(seed).__name__} {seed!r}")
         s = self.resolve_sampler(sampler)
         cond = self.condition(class_ids, prompts).to(self.device)
         self.generator.check_condition(cond)
         if generator is None and seed is not None:
-            generator = torch.Generator(self.device).manual_seed(seed)
+            generator = torch.Generator(self.device).manual_seed(int(seed))
         tokens = s(self.generator, cond, generator, **self.options_for(s, options))
         return self.tokenizer.decode(tokens).clamp(-1, 1)
 
@@ -146,7 +149,12 @@ class Pipeline:
         if not (d / "pipeline.json").is_file():
             raise FileNotFoundError(f"{d} is not a visar pipeline folder (no pipeline.json); "
                                     "create one with Pipeline.save_pretrained")
-        meta = json.loads((d / "pipeline.json").read_text())
+        from visar.utils.config import read_json
+
+        meta = read_json(d / "pipeline.json", "a visar pipeline description")
+        if not isinstance(meta, dict) or meta.get("format", "visar-pipeline") != "visar-pipeline":
+            raise ValueError(f"{d / 'pipeline.json'} is not a visar pipeline description (expected an object with "
+                             "\"format\": \"visar-pipeline\")")
         tok = Tokenizer.from_pretrained(d, "tokenizer", map_location=device)
         gen = Generator.from_pretrained(d, "generator", map_location=device)
         defaults = migrate_sampling_defaults(meta.get("sampling_defaults"), int(meta.get("version", 1)),

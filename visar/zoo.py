@@ -34,10 +34,69 @@ def _registry() -> dict[str, Preset]:
     return _REGISTRY
 
 
+def matches(name: str, pattern: str) -> bool:
+    """Whether ``name`` matches ``pattern``: a glob when it holds ``*``, ``?`` or ``[`` (``"var-*"``), else a
+    substring (``"llamagen"`` matches every LlamaGen entry). ``visar models`` and ``visar eval protocols``
+    filter with it."""
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern in name
+
+
 def list_models(pattern: str = "*") -> list[str]:
-    """Names of presets and bundled pipelines matching a glob ``pattern`` (e.g. ``"var-*"``)."""
+    """Names of presets and bundled pipelines matching ``pattern`` (a glob such as ``"var-*"`` or a
+    substring such as ``"llamagen"``, see :func:`matches`)."""
     names = sorted(set(_registry()) | set(BUNDLED))
-    return [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return [n for n in names if matches(n, pattern)]
+
+
+def _safetensors_numel(path: Path) -> int:
+    """Number of values stored in a safetensors file, read from its header only."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    total = 0
+    for k, v in header.items():
+        if k != "__metadata__":
+            size = 1
+            for d in v["shape"]:
+                size *= d
+            total += size
+    return total
+
+
+def describe(name: str) -> dict[str, Any]:
+    """What ``visar models`` prints for one entry: ``{"name", "weights", "kind", "family", "params"}``.
+
+    ``weights`` is ``"trained"`` for a bundled pipeline (weights shipped in ``visar/assets``) and
+    ``"random"`` for a preset (a configuration; ``create`` builds it with random weights). ``params`` counts
+    parameters (a preset is built on the ``meta`` device, so nothing is allocated).
+    """
+    import json
+
+    if name in BUNDLED:
+        folder = ASSETS / BUNDLED[name]
+        family = json.loads((folder / "generator.json").read_text()).get("family", "?")
+        params = sum(_safetensors_numel(folder / f"{part}.safetensors") for part in ("tokenizer", "generator"))
+        return {"name": name, "weights": "trained", "kind": "pipeline", "family": family, "params": params}
+    import torch
+
+    p = get_preset(name)
+    with torch.device("meta"):
+        model = create(name)
+    return {"name": name, "weights": "random", "kind": p.kind, "family": getattr(model, "family", "?"),
+            "params": sum(t.numel() for t in model.parameters())}
+
+
+def format_params(n: int) -> str:
+    """``4_200_000`` -> ``"4.2M"``, ``3_096_659_200`` -> ``"3.1B"``."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
 
 
 def get_preset(name: str) -> Preset:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
@@ -18,11 +18,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        CheckpointError: the file is truncated/corrupt, or holds pickled non-tensor objects (a
-            training checkpoint with e.g. an ``argparse.Namespace``); the message says how to
-            extract the weights.
+        IsADirectoryError: ``path`` is a folder.
+        CheckpointError: the file is truncated/corrupt or not a checkpoint at all ("not a valid
+            checkpoint"), or holds pickled non-tensor objects (a training checkpoint with e.g. an
+            ``argparse.Namespace``; the message names the object and says how to extract the weights).
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".pth", ".ckpt", ".bin", ".safetensors"))
+        hint = f" (it holds {', '.join(inside[:6])})" if inside else ""
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not a file: give the checkpoint file itself{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     if path.suffix == ".safetensors":
@@ -30,20 +35,38 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
         return load_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # bytes that merely look like a pickle header: the error below says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = _unsupported_global(str(e))
+        if detail is None:  # not an object pickle: bytes that are no checkpoint at all
+            raise CheckpointError(f"{path} is not a valid checkpoint (corrupt or another format): PyTorch cannot read "
+                                  "it as a tensor file. If it should be one, it is truncated or corrupt: check that "
+                                  "the download or copy is complete") from e
         raise CheckpointError(
-            f"{path} holds pickled Python objects besides tensors (typical of training checkpoints with "
+            f"{path} holds pickled Python objects besides tensors ({detail}; typical of training checkpoints with "
             f"'args'/'optimizer' entries), which visar refuses to execute. If you trust the file, extract "
             f"the weights once with:\n  python -c \"import torch; c = torch.load('{path}', weights_only=False); "
             f"torch.save(c['model'], 'weights_only.pt')\"\n(use the key that holds the weights: model / "
-            f"model_ema / state_dict / module). Details: {str(e).splitlines()[0]}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt file?): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            f"model_ema / state_dict / module).") from e
+    except Exception as e:  # torch raises many types for corrupt files (RuntimeError, EOFError, IndexError, ...)
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a valid checkpoint (corrupt or another format): PyTorch stops with "
+                              f"{type(e).__name__} {detail!r}. If it should be one, it is truncated or corrupt: "
+                              "check that the download or copy is complete") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
     return dict(obj)
+
+
+def _unsupported_global(message: str) -> str | None:
+    """The ``GLOBAL module.name`` torch's weights-only unpickler refused, or None when it refused no global
+    (then the bytes were not a pickle of objects but garbage)."""
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if m:
+        return f"GLOBAL {m.group(1)}"
+    return "a pickled object" if "Unsupported global" in message else None
 
 
 def unwrap_state_dict(obj: Mapping, keys: Iterable[str] = ("model", "module", "state_dict"),

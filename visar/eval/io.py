@@ -11,12 +11,13 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
+
+from visar.utils.io import atomic_file
 
 #: image extensions read from folders (lower case)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -50,18 +51,10 @@ def write_png(path: str | os.PathLike, image_hwc: np.ndarray) -> None:
     """
     from PIL import Image
 
-    path = Path(path)
     buf = io.BytesIO()
     Image.fromarray(image_hwc).save(buf, format="PNG")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, fsync=False) as f:
+        f.write(buf.getvalue())
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
@@ -107,44 +100,41 @@ def write_npz_streaming(path: str | os.PathLike, images: Iterable[np.ndarray], s
     """Write an ADM-style npz (``arr_0`` ``uint8 [N, H, W, 3]``, optional ``arr_1`` labels) image by image.
 
     Memory stays at one image: the ``.npy`` member is streamed into the (uncompressed, zip64) archive,
-    which ``np.load`` reads like ``np.savez`` output. The file appears atomically (temp file + rename).
+    which ``np.load`` reads like ``np.savez`` output. The file appears atomically (temp file + rename) and
+    is byte-reproducible: the same arrays give the same bytes (fixed entry timestamps, :data:`ZIP_DATE_TIME`).
 
     Args:
         images: iterable of ``uint8 [H, W, 3]`` arrays, exactly ``shape[0]`` of them.
         shape: ``(N, H, W, 3)``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     shape = tuple(int(s) for s in shape)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-                n = 0
-                for im in images:
-                    if im.shape != shape[1:] or im.dtype != np.uint8:
-                        raise ValueError(f"image {n} has shape {im.shape} {im.dtype}, expected {shape[1:]} uint8")
-                    f.write(np.ascontiguousarray(im).tobytes())
-                    n += 1
-                if n != shape[0]:
-                    raise ValueError(f"got {n} images, expected {shape[0]}")
-            if labels is not None:
-                buf = io.BytesIO()
-                np.save(buf, np.asarray(labels, dtype=np.int64))
-                zf.writestr("arr_1.npy", buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open(_zip_entry("arr_0.npy"), "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            n = 0
+            for im in images:
+                if im.shape != shape[1:] or im.dtype != np.uint8:
+                    raise ValueError(f"image {n} has shape {im.shape} {im.dtype}, expected {shape[1:]} uint8")
+                f.write(np.ascontiguousarray(im).tobytes())
+                n += 1
+            if n != shape[0]:
+                raise ValueError(f"got {n} images, expected {shape[0]}")
+        if labels is not None:
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(labels, dtype=np.int64))
+            zf.writestr(_zip_entry("arr_1.npy"), buf.getvalue())
 
 
-def iter_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` ranges of at most ``size`` covering ``range(n)``."""
-    for s in range(0, n, size):
-        yield s, min(s + size, n)
+#: timestamp of every zip entry visar writes, so the same arrays give the same bytes (visar keys caches on
+#: file hashes); 1980-01-01 is the earliest date a zip entry can hold
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def _zip_entry(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:

@@ -35,6 +35,8 @@ from visar.eval.sidecar import SIDECAR_NAME
 log = logging.getLogger("visar.eval")
 
 CACHE_ENV = "VISAR_CACHE_DIR"
+#: torch-fidelity's default KID subset size (used when both sets hold at least this many images)
+KID_SUBSET_SIZE = 1000
 _CACHE_VERSION = 1
 
 
@@ -230,7 +232,7 @@ def _reference_features(extractor, inp: _Input, weights_hash: str, batch_size: i
 def compute_metrics(samples: Any, ref: Any = None, *, inception_weights: str | os.PathLike | None = None,
                     fid: bool = True, isc: bool = True, kid: bool = True, prc: bool = True,
                     batch_size: int = 64, device: str | torch.device | None = None,
-                    kid_subset_size: int = 1000, kid_subsets: int = 100, isc_splits: int = 10,
+                    kid_subset_size: int | None = None, kid_subsets: int = 100, isc_splits: int = 10,
                     prc_neighborhood: int = 3, rng_seed: int = 2020, cache_dir: str | os.PathLike | None = None,
                     use_cache: bool = True, progress: bool = True) -> dict[str, float]:
     """FID / IS / KID / precision-recall of ``samples`` against ``ref``.
@@ -243,7 +245,8 @@ def compute_metrics(samples: Any, ref: Any = None, *, inception_weights: str | o
         inception_weights: local FID Inception weights (else ``$VISAR_INCEPTION_WEIGHTS``).
         fid, isc, kid, prc: which metrics to compute.
         kid_subset_size, kid_subsets, isc_splits, prc_neighborhood, rng_seed: torch-fidelity's settings
-            (its defaults).
+            (its defaults). ``kid_subset_size=None`` takes torch-fidelity's 1000, or the image count of the
+            smaller set when it holds fewer (logged; KID of sets that small has a large variance).
         cache_dir, use_cache: where reference features are cached (content-hash keys).
 
     Returns:
@@ -273,6 +276,14 @@ def compute_metrics(samples: Any, ref: Any = None, *, inception_weights: str | o
                              f"FID is only comparable at equal sizes. Resample with resize={r.size[0]} "
                              f"(`visar eval sample ... --resize {r.size[0]}`), e.g. LlamaGen's 384 px models are "
                              "evaluated at 256")
+    if kid_subset_size is None:
+        kid_subset_size = KID_SUBSET_SIZE
+        if kid and r is not None and r.has_images and min(s.num, r.num) < KID_SUBSET_SIZE:
+            kid_subset_size = min(s.num, r.num)
+            log.info("KID subsets of %d images (the smaller set's size; torch-fidelity's default is %d)",
+                     kid_subset_size, KID_SUBSET_SIZE)
+    elif not isinstance(kid_subset_size, int) or kid_subset_size < 1:
+        raise ValueError(f"kid_subset_size must be a positive int or None (automatic), got {kid_subset_size!r}")
     _check_counts(s, r, fid, isc, kid, prc, kid_subset_size, isc_splits, prc_neighborhood)
 
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()

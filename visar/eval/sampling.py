@@ -2,19 +2,21 @@
 
 The protocol, as code (after DiT's ``sample_ddp.py`` and the ADM evaluator):
 
-* **Global indices.** Image ``i`` of ``num`` is ``images/{i:06d}.png`` whatever process made it.
-  Batch ``b`` covers indices ``[b * batch_size, (b + 1) * batch_size)`` and goes to process
-  ``b % num_processes``. It is sampled with a ``torch.Generator`` seeded from ``(seed, b * batch_size)``
-  (see :data:`visar.eval.sidecar.SEED_RULE`), so the image set depends on ``seed`` and ``batch_size``
-  but **not on the number of processes**.
+* **One seed rule per image index** (:data:`visar.eval.sidecar.SEED_RULE`, shared with ``visar sample``):
+  image ``i`` is row ``i - s`` of the *chunk* starting at ``s = (i // batch_size) * batch_size``. A chunk
+  is always ``batch_size`` images, drawn by one ``generate`` call with a ``torch.Generator`` seeded from
+  ``(seed, s)`` (:func:`chunk_seed`); images past ``num`` in the last chunk are drawn and dropped. So
+  image ``i`` depends on ``seed``, ``batch_size`` (recorded) and its index, **not on ``num`` nor on the
+  number of processes**: a set of 20 extended to 28 keeps its 20 images. Chunk ``c`` goes to process
+  ``c % num_processes``.
 * **Labels are chosen explicitly**: ``"balanced"`` gives image ``i`` the class ``i % num_classes``
   (50 per class for 50k ImageNet samples), ``"random"`` draws class ``i`` from a hash of
   ``(seed, i)``. Both are pure functions of the index, so a larger ``num`` extends a set.
-* **Resume.** Files are written atomically; a re-run with the same settings skips batches whose
+* **Resume.** Files are written atomically; a re-run with the same settings skips chunks whose
   files all exist and regenerates the rest (same seeds, so no duplicates and no gaps). A folder made
   with other settings is refused.
-* **Outputs.** ``images/``, ``samples.npz`` (``arr_0``: ``uint8 [N, H, W, 3]``, ``arr_1``: labels)
-  packed on rank 0, and ``samples.json`` (:class:`~visar.eval.sidecar.SampleRecord`).
+* **Outputs.** ``images/``, ``samples.npz`` (``arr_0``: ``uint8 [N, H, W, 3]``, ``arr_1``: labels;
+  byte-reproducible) packed on rank 0, and ``samples.json`` (:class:`~visar.eval.sidecar.SampleRecord`).
 
 Runs under Accelerate: one process works as is; ``accelerate launch`` / ``torchrun`` (CPU: gloo) or
 ``accelerate.notebook_launcher`` shard it.
@@ -26,11 +28,11 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from visar.eval.io import (finished_indices, image_name, index_width, iter_chunks, read_image,
+from visar.eval.io import (finished_indices, image_name, index_width, read_image,
                            remove_stale_temporaries, sha256_file, write_npz_streaming, write_png)
 from visar.eval.sidecar import SIDECAR_NAME, SampleRecord, load_sidecar, save_sidecar
 
@@ -44,12 +46,49 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 def _hash63(text: str) -> int:
+    """``int.from_bytes(sha256(text)[:8], "little") >> 1``: a 63-bit integer (the form :data:`SEED_RULE` states)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def chunk_seed(seed: int, start: int) -> int:
-    """Seed of the batch whose first global index is ``start`` (63-bit, from sha256)."""
+    """Seed of the chunk whose first global index is ``start`` (63-bit, from sha256; see :data:`SEED_RULE`)."""
     return _hash63(f"visar-sample:{seed}:{start}")
+
+
+def chunk_starts(indices: Sequence[int] | range, chunk_size: int) -> list[int]:
+    """First global index of every chunk that holds one of ``indices`` (sorted, each once)."""
+    return sorted({(i // chunk_size) * chunk_size for i in indices})
+
+
+def generate_chunk(pipe: Any, labels_of: Callable[[int, int], Sequence[int]], start: int, *, seed: int,
+                   chunk_size: int, progress: bool = False, **options: Any) -> torch.Tensor:
+    """The images of global indices ``[start, start + chunk_size)`` under :data:`SEED_RULE`.
+
+    Args:
+        pipe: a :class:`visar.Pipeline` (or anything with ``generate(class_ids, seed=, **options)``
+            returning ``[B, 3, H, W]`` in ``[-1, 1]``).
+        labels_of: ``labels_of(a, b)`` -> the class ids of global indices ``a .. b-1`` (a pure function of
+            the index, also past the last image wanted: the chunk is always full).
+        start: a multiple of ``chunk_size``.
+        seed: the run's seed; the chunk's generator is seeded with ``chunk_seed(seed, start)``.
+        progress: show the sampler's own progress bar (by step) when it has one.
+        **options: sampling options, passed to ``generate``.
+
+    Returns:
+        ``[chunk_size, 3, H, W]`` in ``[-1, 1]``; the caller drops the rows past its last index.
+    """
+    if start % chunk_size:
+        raise ValueError(f"chunk start {start} is not a multiple of the chunk size {chunk_size}")
+    ids = [int(c) for c in labels_of(start, start + chunk_size)]
+    sampler = getattr(pipe, "sampler", None)
+    if progress and sampler is not None and "progress" in getattr(sampler, "defaults", {}) and "progress" not in options:
+        options = {**options, "progress": True}
+    images = pipe.generate(ids, seed=chunk_seed(seed, start), **options)
+    if not (isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == chunk_size
+            and images.shape[1] == 3):
+        raise ValueError(f"pipeline.generate must return [B, 3, H, W] in [-1, 1] with B={chunk_size}; got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    return images
 
 
 def class_labels(mode: str, num: int, num_classes: int, seed: int = 0) -> torch.Tensor:
@@ -63,9 +102,16 @@ def class_labels(mode: str, num: int, num_classes: int, seed: int = 0) -> torch.
                          f"MAR/VAR use balanced, LlamaGen random), got {mode!r}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return labels_range(mode, 0, num, num_classes, seed)
+
+
+def labels_range(mode: str, start: int, stop: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """Classes of the global indices ``start .. stop-1``: ``class_labels(mode, stop, ...)[start:]`` without
+    computing the indices before ``start``."""
     if mode == "balanced":
-        return torch.arange(num, dtype=torch.long) % num_classes
-    return torch.tensor([_hash63(f"visar-label:{seed}:{i}") % num_classes for i in range(num)], dtype=torch.long)
+        return torch.arange(start, stop, dtype=torch.long) % num_classes
+    return torch.tensor([_hash63(f"visar-label:{seed}:{i}") % num_classes for i in range(start, stop)],
+                        dtype=torch.long)
 
 
 def weights_state_sha256(pipeline: Any) -> str:
@@ -121,9 +167,14 @@ def _jsonable_options(options: dict) -> dict:
     return out
 
 
+#: sampler options that do not shape the images (not recorded, so they never block a resume)
+NOT_RECORDED = ("progress",)
+
+
 def effective_options(pipeline: Any, options: dict) -> dict:
-    """What the sampler will really use: its defaults, then the pipeline's stored ``sampling_defaults``,
-    then ``options`` (so a record names, e.g., the cfg a bundled model samples at by default)."""
+    """What the sampler will really use, validated: its defaults, then the pipeline's stored
+    ``sampling_defaults``, then ``options`` (so a record names, e.g., the cfg a bundled model samples at
+    by default). Unknown option names and bad values raise here, before anything is written."""
     from visar.samplers.base import default_sampler
 
     resolve = getattr(pipeline, "resolve_sampler", None)
@@ -133,8 +184,9 @@ def effective_options(pipeline: Any, options: dict) -> dict:
     elif getattr(pipeline, "generator", None) is not None:  # a pipeline-like wrapper: the generator's own sampler
         sampler = default_sampler(pipeline.generator)
     else:
-        return _jsonable_options(dict(options))
-    return _jsonable_options({**sampler.defaults, **sampler.options, **options})
+        return _jsonable_options({k: v for k, v in options.items() if k not in NOT_RECORDED})
+    resolved = sampler.resolve(options)
+    return _jsonable_options({k: v for k, v in resolved.items() if k not in NOT_RECORDED})
 
 
 def _resize(images: torch.Tensor, resize: int | None, antialias: bool) -> torch.Tensor:
@@ -205,8 +257,9 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
         num: number of images.
         labels: ``"balanced"`` or ``"random"`` (required: the official protocols differ).
         num_classes: classes to draw from; defaults to ``pipeline.generator.num_classes``.
-        seed: global seed; every batch's seed derives from it and the batch's first global index.
-        batch_size: images per ``generate`` call (part of the protocol: it fixes the seeds).
+        seed: global seed; every chunk's seed derives from it and the chunk's first global index.
+        batch_size: the chunk size: images per ``generate`` call (part of the seed rule, recorded; the last
+            chunk is drawn whole, so image ``i`` does not depend on ``num``).
         resize: bicubic resize to ``resize`` x ``resize`` on the ``[-1, 1]`` floats, before the uint8 cast
             (LlamaGen's 384 px models are evaluated at 256). ``resize_antialias`` as in ``F.interpolate``
             (off, as LlamaGen's evaluation).
@@ -216,12 +269,16 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
             distributed (``WORLD_SIZE > 1``), else sampling runs in this process on the pipeline's device.
         pack_npz: write ``samples.npz`` on rank 0 at the end.
         **options: sampling options of the generator (``cfg_scale``, ``temperature``, ``top_k``, ``top_p``,
-            ``num_steps``, ...), passed to ``generate`` and recorded.
+            ``num_steps``, ...), passed to ``generate``; validated and recorded (with the defaults the
+            sampler and the pipeline add) before anything is written.
 
     Returns:
         The :class:`SampleRecord` written to ``samples.json`` (on every process).
     """
     _validate(num, labels, batch_size, resize, dtype, seed)
+    from visar.utils.io import check_writable_dir
+
+    check_writable_dir(out_dir, "output folder")
     acc = accelerator if accelerator is not None else _make_accelerator(pipeline_or_path)
     rank, world = acc.process_index, acc.num_processes
     out = Path(out_dir)
@@ -259,7 +316,7 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
             raise ValueError(f"{out} holds samples made with other settings ({'; '.join(diff)}); "
                              "use a new output folder (or delete this one) instead of mixing sample sets")
     done = finished_indices(img_dir)
-    chunks = list(iter_chunks(num, batch_size))
+    chunks = [(c, min(c + batch_size, num)) for c in chunk_starts(range(num), batch_size)]
     todo_any = any(i not in done for i in range(num))
     if done and previous is None:
         raise ValueError(f"{img_dir} holds images but no {SIDECAR_NAME}: refusing to mix them with new samples; "
@@ -283,15 +340,15 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
     bar = tqdm(total=sum(e - s for s, e in mine), disable=not (progress and acc.is_local_main_process),
                desc=f"sampling (rank {rank})", unit="img")
     amp = torch.autocast(acc.device.type, dtype=_DTYPES[dtype], enabled=dtype != "float32")
+    from visar.utils.images import to_uint8
+
+    def labels_of(a: int, b: int) -> list[int]:  # the label rule also past num: the last chunk is full
+        return labels_range(labels, a, b, num_classes, seed).tolist()
+
     for s, e in mine:
         with amp:
-            images = pipe.generate(class_ids[s:e].tolist(), seed=chunk_seed(seed, s), **options)
-        if not (isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == e - s
-                and images.shape[1] == 3):
-            raise ValueError(f"pipeline.generate must return [B, 3, H, W] in [-1, 1] with B={e - s}; got "
-                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-        from visar.utils.images import to_uint8
-
+            images = generate_chunk(pipe, labels_of, s, seed=seed, chunk_size=batch_size,
+                                    progress=progress and acc.is_local_main_process, **options)[:e - s]
         u8 = to_uint8(_resize(images, resize, resize_antialias)).numpy()  # [B, H, W, 3]
         for k, i in enumerate(range(s, e)):
             if i not in done:

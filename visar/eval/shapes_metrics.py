@@ -22,6 +22,9 @@ from visar.eval.frechet import frechet_distance_from_features, gaussian_statisti
 
 log = logging.getLogger("visar.eval")
 
+#: npz members read as the class of each sample, in this order
+LABEL_KEYS = ("arr_1", "labels")
+
 
 def _samples_and_labels(samples: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 ``[N, H, W, 3]`` images and ``LongTensor [N]`` labels from a folder / npz / arrays."""
@@ -46,8 +49,10 @@ def _samples_and_labels(samples: Any, labels: Any) -> tuple[torch.Tensor, torch.
         p = Path(samples)
         if p.suffix == ".npz":
             with np.load(p) as f:
-                if "arr_1" in f.files:
-                    labels = f["arr_1"]
+                for key in LABEL_KEYS:  # arr_1 (ADM, `visar eval sample`, `visar sample --npz`), labels (older files)
+                    if key in f.files:
+                        labels = f[key]
+                        break
             if labels is None and (p.parent / SIDECAR_NAME).is_file():
                 p = p.parent
         if labels is None and p.is_dir() and (p / SIDECAR_NAME).is_file():
@@ -56,8 +61,9 @@ def _samples_and_labels(samples: Any, labels: Any) -> tuple[torch.Tensor, torch.
             rec = load_sidecar(p)
             labels = class_labels(rec.labels, rec.num, rec.num_classes, rec.seed)[:len(images)]
     if labels is None:
-        raise ValueError(f"{inp.name}: cannot tell which class each sample was generated for; pass labels=, use a "
-                         "folder made by `visar eval sample` (its samples.json) or an npz with arr_1 labels")
+        raise ValueError(f"{inp.name}: cannot tell which class each sample was generated for; give the labels "
+                         "(`visar eval shapes --labels FILE|IDS`, or labels= in Python), use a folder made by "
+                         "`visar eval sample` (its samples.json) or an npz with arr_1 labels (`visar sample --npz`)")
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} samples but {len(labels)} labels")
@@ -82,7 +88,7 @@ def shapes_metrics(samples: Any, labels: Any = None, *, num_reference: int = 200
 
     Args:
         samples: a ``visar eval sample`` folder (labels from its sidecar), an ``.npz`` (``arr_0`` images,
-            ``arr_1`` labels), a folder of images with ``labels``, a ``uint8 [N, H, W, 3]`` array, or a float
+            ``arr_1`` or ``labels`` labels), a folder of images with ``labels``, a ``uint8 [N, H, W, 3]`` array, or a float
             tensor ``[N, 3, H, W]`` in ``[-1, 1]`` with ``labels``.
         labels: class of each sample, ``[N]`` ints in ``[0, 10)`` (read from the sample set when omitted).
         num_reference: held-out real shapes (``ShapesDataset(split="test", seed=reference_seed)``).

@@ -1,9 +1,9 @@
 """The JSON sidecar written next to every sample folder: every setting that shaped the images.
 
 ``samples.json`` records the model (name, path, sha256 of its weight files and of its loaded
-weights), the label mode, seeds and seed rule, the sampling options (the generator's defaults merged
-with what was passed), resize, dtype, batch size, number of processes, visar/torch versions and the
-protocol departures. It round-trips: ``load_sidecar(save_sidecar(record))`` equals ``record``.
+weights), the label mode, seeds and seed rule (:data:`SEED_RULE`), the sampling options the sampler
+really used (its defaults, the pipeline's stored ``sampling_defaults``, then what was passed), resize,
+dtype, batch size, number of processes, visar/torch versions and the protocol departures. It round-trips: ``load_sidecar(save_sidecar(record))`` equals ``record``.
 """
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ from visar.utils.io import atomic_write_bytes
 
 SIDECAR_NAME = "samples.json"
 FORMAT = "visar-eval-samples"
-#: version of the seed and label derivation (bump if ``chunk_seed`` / ``class_labels`` ever change)
-SEED_RULE = ("v1: batch b covers global indices [b*batch_size, (b+1)*batch_size) and is sampled with "
-             "torch.Generator(device).manual_seed(sha256('visar-sample:{seed}:{start}')[:8] little-endian >> 1); "
-             "random labels: sha256('visar-label:{seed}:{index}')[:8] little-endian % num_classes; "
-             "balanced labels: index % num_classes")
+#: the one seed and label rule of ``visar eval sample`` and ``visar sample`` (``visar.eval.sampling``
+#: implements it: ``chunk_seed``, ``labels_range``, ``generate_chunk``); docs/evaluation.md quotes it verbatim.
+#: Bump the version if the derivation ever changes (a folder of another version is refused on resume).
+SEED_RULE = ("v2: image i is row i - s of the chunk s = (i // batch_size) * batch_size; every chunk is batch_size "
+             "images drawn by one Pipeline.generate(class_ids of indices s .. s + batch_size - 1, "
+             "seed=int.from_bytes(sha256(f'visar-sample:{seed}:{s}')[:8], 'little') >> 1) call "
+             "(a torch.Generator on the sampling device), so images past num are drawn and dropped and image i "
+             "depends on neither num nor the number of processes; balanced labels: i % num_classes; "
+             "random labels: (int.from_bytes(sha256(f'visar-label:{seed}:{i}')[:8], 'little') >> 1) % num_classes")
 
 #: fields that determine the images; a resumed run must agree on all of them
 IDENTITY_FIELDS = ("weights_state_sha256", "labels", "num_classes", "seed", "seed_rule", "batch_size",

@@ -23,7 +23,14 @@ class Tokenizer(Configurable, metaclass=ABCMeta):
     downsample: int = 1
 
     def check_images(self, images: torch.Tensor) -> None:
+        """Validate ``images [B, 3, H, W]`` (finite floats in ``[-1, 1]``, a non-empty batch, a size divisible
+        by :attr:`downsample`) and their dtype against the weights' (outside autocast)."""
         check_images(images, self.downsample)
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if (weight is not None and images.dtype != weight.dtype
+                and not torch.is_autocast_enabled(images.device.type)):
+            raise TypeError(f"images are {images.dtype} but the tokenizer's weights are {weight.dtype}: pass "
+                            f"images.to({weight.dtype}) (or move the tokenizer with .to(dtype=...))")
 
     def latent_size(self, height: int, width: int | None = None) -> tuple[int, int]:
         """Token grid ``(h, w)`` for an image of ``height x width`` pixels."""

@@ -162,11 +162,20 @@ class KLTokenizer(Tokenizer):
         return mean, logvar.clamp(*LOGVAR_CLAMP)
 
     def encode(self, images: torch.Tensor, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents ``[B, C, H/s, W/s]``: the posterior mean, or a posterior sample if ``sample``."""
+               generator: torch.Generator | None = None, *, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled latents ``[B, C, H/s, W/s]``: the posterior mean, or a posterior sample if ``sample``.
+
+        ``noise`` (``[B, C, H/s, W/s]`` standard-normal draws, implies ``sample``) replaces the draw from
+        ``generator``: the sample is ``mean + std * noise`` (e.g. to replay a recorded training step).
+        """
         mean, std = self.posterior(images)
         z = mean
-        if sample:
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != tuple(mean.shape):
+                raise ValueError(f"noise must be a tensor of the posterior's shape {list(mean.shape)}, got "
+                                 f"{list(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+            z = mean + std * noise.to(device=mean.device, dtype=mean.dtype)
+        elif sample:
             z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return (z - self.shift_factor) * self._scale()
 

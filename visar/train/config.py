@@ -95,7 +95,7 @@ class TokenizerRef:
 
 @dataclass
 class OptimConfig:
-    """AdamW (no weight decay on norms, biases and embeddings) with linear warmup then cosine decay."""
+    """AdamW with linear warmup then cosine decay; weight decay and EMA follow a selectable recipe."""
 
     lr: float = 3e-4
     weight_decay: float = 0.05
@@ -104,6 +104,13 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    #: parameters without weight decay: ``official`` (the model's ``no_weight_decay()`` plus 1-D tensors and
+    #: biases, each family's official rule) or ``legacy`` (visar's first name-based rule; a run whose checkpoints
+    #: predate this key resumes with it automatically). See :mod:`visar.train.optim`.
+    weight_decay_groups: str = "official"
+    #: EMA recipe: ``warmup`` (``min(train.ema_decay, (1+t)/(10+t))``, float buffers averaged), ``constant``
+    #: (``train.ema_decay`` from the first step, parameters only) or ``official`` (the family's rule and decay)
+    ema: str = "warmup"
 
 
 @dataclass
@@ -150,11 +157,19 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    #: where the final export goes (``Pipeline.save_pretrained`` folder for generators); empty: ``output_dir/export``
+    #: where the final export goes (``Pipeline.save_pretrained`` folder for generators); empty (the default):
+    #: ``<train.output_dir>/export``, so ``train.output_dir=runs/try`` moves the export with the run
     export_dir: str = ""
+    #: maintainers only: allow ``export_dir`` (or ``train.output_dir``) inside the installed ``visar`` package,
+    #: to refresh a bundled asset on purpose (``export_dir=visar/assets/classifier export_to_package=true``)
+    export_to_package: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def export_path(self) -> Path:
+        """Where the final export goes: ``export_dir``, else ``<train.output_dir>/export``."""
+        return Path(self.export_dir) if self.export_dir else Path(self.train.output_dir) / "export"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +329,29 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "grad_clip >= 0 (0 disables clipping)")
     if len(o.betas) != 2:
         raise ConfigError(f"config key optim.betas must be a list of two floats, got {o.betas!r}")
+    from visar.train.optim import DECAY_RULES, EMA_RULES
+
+    if o.weight_decay_groups not in DECAY_RULES:
+        raise ConfigError(f"config key optim.weight_decay_groups must be one of {', '.join(DECAY_RULES)}, got "
+                          f"{o.weight_decay_groups!r}")
+    if o.ema not in EMA_RULES:
+        raise ConfigError(f"config key optim.ema must be one of {', '.join(EMA_RULES)}, got {o.ema!r}")
+    _check_outside_package(cfg)
     return cfg
+
+
+def _check_outside_package(cfg: TrainConfig) -> None:
+    """Nothing a user runs writes inside the installed package (a run would silently replace a shipped asset)."""
+    from visar.utils.io import inside_package, package_root
+
+    if cfg.export_to_package:
+        return
+    for key, path in (("train.output_dir", Path(cfg.train.output_dir)), ("export_dir", cfg.export_path())):
+        if inside_package(path):
+            raise ConfigError(f"{key}={path} lies inside the installed visar package ({package_root()}); a run "
+                              "must not overwrite shipped files. Use a folder under runs/ (the default export is "
+                              "<train.output_dir>/export); maintainers refreshing a bundled asset add "
+                              "export_to_package=true")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,

@@ -77,16 +77,43 @@ class Configurable(nn.Module):
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path} not found: a visar folder holds {name}.json + {name}.safetensors "
                                     "(written by save_pretrained)")
-        meta = json.loads(cfg_path.read_text())
+        meta = read_json(cfg_path, "a visar model config")
+        if not isinstance(meta, dict) or not isinstance(meta.get("class"), str) or not isinstance(
+                meta.get("config"), dict):
+            raise ValueError(f"{cfg_path} is not a visar model config: it needs a \"class\" string and a \"config\" "
+                             "object (written by save_pretrained)")
         target = resolve_class(meta["class"])
         if not (isinstance(target, type) and issubclass(target, cls)):
             raise TypeError(f"{cfg_path} describes a {meta['class']} (family {meta.get('family')}), "
                             f"which is not a {cls.__name__}")
         model = target(**meta["config"])
-        state = load_safetensors(d / f"{name}.safetensors", device=map_location)
+        weights = d / f"{name}.safetensors"
+        state = load_safetensors(weights, device=map_location)
+        check_finite_state(state, str(weights))
         from visar.utils.state_dict import load_state_strict
-        load_state_strict(model, state, source=str(d / f"{name}.safetensors"))
+        load_state_strict(model, state, source=str(weights))
         return model
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
+    """Parse a JSON file; a syntax error or an unreadable file raises a ``ValueError`` naming ``path``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it should hold {what}: restore it from where the "
+                         "folder came from or save the model again") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file ({e}); it should hold {what}") from e
+
+
+def check_finite_state(state: dict, source: str) -> None:
+    """Refuse weights holding NaN or infinite values (a broken training run or a corrupt file), naming the
+    file and the first tensors affected: such weights load silently and decode to black images."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{source} holds NaN or infinite weights in {len(bad)} tensor(s), e.g. {bad[:3]}; the "
+                         "file is corrupt or comes from a diverged training run: use an earlier checkpoint")
 
 
 def resolve_class(path: str):

@@ -23,7 +23,15 @@ def check_images(images: torch.Tensor, downsample: int, name: str = "images") ->
                          f"x{W // downsample * downsample or downsample})")
     if not images.is_floating_point():
         raise TypeError(f"{name} must be floating point in [-1, 1]; uint8 images: x = x.float() / 127.5 - 1")
-    lo, hi = float(images.min()), float(images.max())
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch {tuple(images.shape)}: give at least one image")
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"{name} have an empty size {H}x{W}")
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise ValueError(f"{name} hold {bad} NaN or infinite values (of {images.numel()}); tokenizers need finite "
+                         "pixels in [-1, 1]: check how the images were loaded or normalised")
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
     if lo < -1.5 or hi > 1.5:
         log.warning("%s range [%.3g, %.3g] is far outside [-1, 1]; visar tokenizers expect x = 2 * u8 / 255 - 1",
                     name, lo, hi)
@@ -58,3 +66,21 @@ def check_sampling_args(cfg_scale: float | None = None, temperature: float | Non
         raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if top_p is not None and not (0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+
+
+def check_device(device: "str | torch.device", flag: str = "device") -> torch.device:
+    """A ``torch.device`` for ``device``, or a ``ValueError`` naming ``flag`` when it does not exist here
+    (``cuda`` without a GPU says that CUDA is not available, instead of failing later while loading)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{flag} {device!r} is not a device (use cpu, cuda or cuda:N): {e}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: CUDA is not available on this machine (torch.cuda.is_available() "
+                             "is False: no GPU, or a CPU-only build of torch); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{flag} {device}: MPS is not available on this machine; use cpu")
+    return dev

@@ -2,7 +2,8 @@
 
 Two heads share one interface (``N`` tokens of ``C`` channels, conditioning width ``D``):
 
-* ``loss(target [N, C], z [N, D], mask=None, generator=None) -> scalar``;
+* ``loss(target [N, C], z [N, D], mask=None, generator=None, *, t=None, noise=None) -> scalar`` (explicit
+  draws replace those from ``generator``);
 * ``kind`` (``"diffusion"`` or ``"flow"``), ``token_dim``, ``num_sampling_steps`` (default step count),
   ``resolve_steps(steps, temperature)`` (validated step count);
 * **one** denoising step: :meth:`DiffusionHead.step_gaussian` (a reverse step's Gaussian) and
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from visar.generators.components.diffusion_schedule import get_schedule
+from visar.generators.components.draws import given_or_drawn
 from visar.nn.adaln import modulate
 from visar.nn.embeddings import TimestepEmbedding
 from visar.nn.guidance import cfg_mix
@@ -290,21 +292,28 @@ class DiffusionHead(nn.Module):
 
     # ------------------------------------------------------------------ training
     def loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, *, t: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
         """ADM hybrid loss (eps MSE + variational bound with the mean frozen), averaged over ``mask``.
 
         Args:
             target: ``[N, C]`` clean tokens.
             z: ``[N, D]`` conditioning.
             mask: ``[N]`` weights (MAR: 1 on masked positions); ``None`` = all rows.
+            generator: source of the draws not given below (``t`` first, then ``noise``).
+            t: ``LongTensor [N]`` training timesteps in ``[0, num_train_steps)`` (default: uniform draws).
+            noise: ``[N, C]`` standard-normal ``eps`` (default: drawn).
         """
         if target.dim() != 2 or target.shape[1] != self.token_dim or z.shape[0] != target.shape[0]:
             raise ValueError(f"target must be [N, {self.token_dim}] with one z row per token; got target "
                              f"{tuple(target.shape)}, z {tuple(z.shape)}")
         sch = get_schedule(self.num_train_steps, None)
         n = target.shape[0]
-        t = torch.randint(0, self.num_train_steps, (n,), generator=generator, device=target.device)
-        noise = randn_as(target.shape, target, generator)
+        T, dev = self.num_train_steps, target.device
+        t = given_or_drawn("t", t, lambda: torch.randint(0, T, (n,), generator=generator, device=dev),
+                           (n,), "index", dev, low=0, high=T)
+        noise = given_or_drawn("noise", noise, lambda: randn_as(target.shape, target, generator),
+                               tuple(target.shape), "real", dev, target.dtype)
         x_t = sch.at("sqrt_alphas_cumprod", t) * target + sch.at("sqrt_one_minus_alphas_cumprod", t) * noise
         out = self.net(x_t, t, z)
         eps, v = out[:, :self.token_dim], out[:, self.token_dim:]
@@ -373,7 +382,17 @@ class DiffusionHead(nn.Module):
             raise ValueError(f"index must be in [0, {steps}), got {index}")
         clip = self.resolve_x0_clip(x0_clip)
         g, _ = split_guided(z, cfg, guided)
-        mean, logvar = self._reverse_step(get_schedule(self.num_train_steps, steps), x, index, z, cfg, g, clip)
+        return self.reverse_gaussian(self.schedule(steps), x, index, z, cfg, g, clip)
+
+    def schedule(self, steps: int):
+        """The respaced schedule of ``steps`` sampling steps (cached)."""
+        return get_schedule(self.num_train_steps, steps)
+
+    def reverse_gaussian(self, schedule, x: torch.Tensor, index: int, z: torch.Tensor, cfg, guided: bool,
+                         x0_clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step_gaussian` on resolved arguments, unchecked (the head chain's hot loop): ``schedule``
+        from :meth:`schedule`, ``guided`` a bool, ``x0_clip`` ``None`` or a number. Returns ``(mean, std)``."""
+        mean, logvar = self._reverse_step(schedule, x, index, z, cfg, guided, x0_clip)
         return mean, torch.exp(0.5 * logvar)
 
 
@@ -413,14 +432,21 @@ class FlowHead(nn.Module):
         return self.net(x_t, t * 1000.0, z)
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Velocity MSE averaged over ``mask`` (``[N]`` weights, ``None`` = all rows)."""
+             generator: torch.Generator | None = None, *, t: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity MSE averaged over ``mask`` (``[N]`` weights, ``None`` = all rows).
+
+        ``t`` (``[N]`` times in ``[0, 1]``, 1 = data) and ``noise`` (``[N, C]``, the path's start ``x_0``) replace
+        the draws from ``generator`` (made in that order when not given).
+        """
         if target.dim() != 2 or target.shape[1] != self.token_dim or z.shape[0] != target.shape[0]:
             raise ValueError(f"target must be [N, {self.token_dim}] with one z row per token; got target "
                              f"{tuple(target.shape)}, z {tuple(z.shape)}")
-        n = target.shape[0]
-        t = torch.rand(n, generator=generator, device=target.device, dtype=target.dtype)
-        x0 = randn_as(target.shape, target, generator)
+        n, dev = target.shape[0], target.device
+        t = given_or_drawn("t", t, lambda: torch.rand(n, generator=generator, device=dev, dtype=target.dtype),
+                           (n,), "real", dev, target.dtype, low=0.0, high=1.0)
+        x0 = given_or_drawn("noise", noise, lambda: randn_as(target.shape, target, generator),
+                            tuple(target.shape), "real", dev, target.dtype)
         x_t = t[:, None] * target + (1 - t[:, None]) * x0
         loss = ((self(x_t, t, z) - (target - x0)) ** 2).mean(dim=1)
         if mask is not None:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from visar.generators.base import Condition, Generator
+from visar.generators.components.draws import check_draw, given_or_drawn
 from visar.generators.components.heads import DiffusionHead, FlowHead, check_x0_clip_for_head
 from visar.generators.protocol import StepState
 from visar.nn.attention import Attention
@@ -322,32 +323,67 @@ class MaskedGenerator(Generator):
         return self.forward_decoder(self.forward_encoder(tokens, mask, class_embedding), mask)
 
     # ------------------------------------------------------------------ training
+    #: ``optim.ema: official``: MAR's ``update_ema`` with ``--ema_rate 0.9999`` after every step
+    official_ema_decay = 0.9999
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay besides 1-D tensors and biases (timm's convention): MAR's
+        ``add_weight_decay`` also exempts the whole token head (every name with ``diffloss``, visar's ``head.``);
+        positional tables, ``mask_token``, ``fake_latent`` and the class table decay."""
+        return {n for n, _ in self.named_parameters() if n.startswith("head.")}
+
     def loss(self, tokens: torch.Tensor, cond: Condition, generator: torch.Generator | None = None,
-             orders: torch.Tensor | None = None) -> torch.Tensor:
-        """Training loss of latents ``[B, C, h, w]`` given class labels.
+             orders: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+             drop: torch.Tensor | None = None, t: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss of latents ``[B, C, h, w]`` given class labels (MAR's ``forward``).
 
         Random order per image, one truncated-normal mask ratio per batch, labels dropped to
         ``fake_latent`` with probability ``label_drop_prob`` (in train mode), head loss on the masked
-        tokens repeated ``diffusion_batch_mul`` times.
+        tokens repeated ``diffusion_batch_mul`` times (row ``k B L + b L + l`` is token ``l`` of image
+        ``b`` in copy ``k``).
+
+        Every draw can be given instead of drawn from ``generator`` (the draws not given are made in
+        this order: orders, mask ratio, label drop, then the head's ``t`` and ``noise``):
+
+        Args:
+            orders: ``LongTensor [B, L]``, a permutation of ``range(L)`` per image.
+            mask: ``[B, L]`` bool (True = masked = predicted), the same count in every row; replaces
+                the orders and the mask-ratio draw (``orders`` is then not used).
+            drop: ``[B]`` bool, True = label replaced by ``fake_latent`` (applied in any mode).
+            t, noise: the head's draws for the ``N = diffusion_batch_mul * B * L`` rows (see
+                :meth:`DiffusionHead.loss` / :meth:`FlowHead.loss`).
         """
         self.check_condition(cond)
         x = self.patchify(tokens)
         B, L, _ = x.shape
         dev = x.device
-        if orders is None:
-            orders = torch.argsort(torch.rand(B, L, generator=generator, device=dev), dim=1)
-        n_masked = int(math.ceil(L * truncated_normal_ratio(self.mask_ratio_min, generator, dev)))
-        mask = mask_by_order(n_masked, orders.to(dev))
+        if mask is None:
+            given = orders is not None
+            orders = given_or_drawn("orders", orders, lambda: torch.argsort(
+                torch.rand(B, L, generator=generator, device=dev), dim=1), (B, L), "index", dev, low=0, high=L)
+            if given and not bool((orders.sort(dim=1).values == torch.arange(L, device=dev)).all()):
+                raise ValueError(f"orders must hold a permutation of range({L}) in every row")
+            n_masked = int(math.ceil(L * truncated_normal_ratio(self.mask_ratio_min, generator, dev)))
+            mask = mask_by_order(n_masked, orders)
+        else:
+            mask = check_draw("mask", mask, (B, L), "mask", dev)
+            counts = mask.sum(1)
+            if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
+                raise ValueError(f"mask must mask the same number (> 0) of tokens in every row, got {counts.tolist()}")
         emb = self.class_embedding(cond.labels.to(dev))
-        if self.training and self.label_drop_prob > 0:
+        if drop is not None:
+            drop = check_draw("drop", drop, (B,), "mask", dev)
+        elif self.training and self.label_drop_prob > 0:
             drop = torch.rand(B, generator=generator, device=dev) < self.label_drop_prob
+        if drop is not None:
             emb = torch.where(drop[:, None], self.fake_latent.to(emb.dtype), emb)
         z = self.forward_decoder(self.forward_encoder(x, mask, emb), mask)
         m = self.diffusion_batch_mul
         target = x.reshape(B * L, -1).repeat(m, 1)
         z = z.reshape(B * L, -1).repeat(m, 1)
         weight = mask.reshape(B * L).repeat(m).to(z.dtype)
-        return self.head.loss(target, z, weight, generator=generator)
+        return self.head.loss(target, z, weight, generator=generator, t=t, noise=noise)
 
     # ------------------------------------------------------------------ step protocol
     def start(self, cond: Condition, guided: bool = False) -> MaskedState:

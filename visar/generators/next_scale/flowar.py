@@ -30,6 +30,7 @@ from torch import nn
 
 from visar.generators.components.adaln_encoder_decoder import AdaLNEncoderDecoder, TrunkState, check_rope_width
 from visar.generators.base import Condition, Generator
+from visar.generators.components.draws import check_draw
 from visar.generators.components.entities import ScalePyramid
 from visar.generators.components.flow_head_transformer import FlowHeadTransformer
 from visar.nn.embeddings import LabelEmbedding
@@ -177,29 +178,60 @@ class NextScaleFlowGenerator(AdaLNEncoderDecoder, Generator):
         x = torch.cat([c[:, None], self.z_proj(inputs)], dim=1)  # [B, L, D]
         return self.transformer(x, c, mask=self.mask.to(x.dtype))
 
-    def loss(self, tokens: torch.Tensor, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
+    #: ``optim.ema: official``: FlowAR's ``update_ema`` with ``--ema_rate 0.9999`` after every step
+    official_ema_decay = 0.9999
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay besides 1-D tensors and biases (timm's convention): none. FlowAR
+        reuses MAR's ``add_weight_decay``, whose ``diffloss`` exemption matches no FlowAR name (its head is
+        ``flownet``), so the flow head, positional tables and class table all decay."""
+        return set()
+
+    def loss(self, tokens: torch.Tensor, cond: Condition, generator: torch.Generator | None = None, *,
+             drop: torch.Tensor | None = None, t: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss as in the official training code: per image and scale ``t ~ U(0, 1)``,
         ``x_t = (1 - t) x + t eps``, MSE between the head's velocity and ``eps - x``; scale ``k``'s mean
         is weighted by ``s_k^2 / S^2`` and the scales are summed (so the finest scale has weight 1).
 
         ``tokens``: scaled latents ``[B, C, S, S]``; labels are dropped to the null class with
-        probability ``label_drop_prob``.
+        probability ``label_drop_prob`` (training mode). Draws are made from ``generator`` in the official
+        order (label drop, then per scale ``t`` and ``eps``) unless given:
+
+        Args:
+            drop: ``[B]`` bool, True = label replaced by the null class (applied in any mode).
+            t: ``[K, B]`` flow times in ``[0, 1]`` (1 = noise), one per scale and image.
+            noise: ``[B, L, C]`` ``eps`` of all scales in sequence order (scale by scale, row-major).
         """
         cond = Condition.of(cond)
         self.check_condition(cond)
         self.check_latents(tokens)
-        B, dev = tokens.shape[0], tokens.device
-        z = self.forward(tokens, cond.labels, drop_labels=self.training, generator=generator)
+        B, dev, K = tokens.shape[0], tokens.device, len(self.scales)
+        labels = cond.labels.to(dev)
+        if drop is not None:
+            drop = check_draw("drop", drop, (B,), "mask", dev)
+        elif self.training and self.label_drop_prob > 0:
+            drop = torch.rand(labels.shape, generator=generator, device=dev) < self.label_drop_prob
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        if t is not None:
+            t = check_draw("t", t, (K, B), "real", dev, torch.get_default_dtype(), low=0.0, high=1.0)
+        if noise is not None:
+            noise = check_draw("noise", noise, (B, self.seq_len, self.in_channels), "real", dev,
+                               torch.get_default_dtype())  # the dtype of the draw it replaces
+        z = self.forward(tokens, labels)
         targets, _ = self.teacher_inputs(tokens)
-        off, total = self.offsets, tokens.new_zeros(())
-        for k in range(len(self.scales)):
+        off, total = self.offsets, 0.0
+        for k, s in enumerate(self.scales):
             x = targets[:, off[k]:off[k + 1]]
-            t = torch.rand(B, generator=generator, device=dev)
-            eps = torch.randn(x.shape, generator=generator, device=dev)
-            x_t = (1 - t[:, None, None]) * x + t[:, None, None] * eps
-            v = self.flownet(x_t, t, z[:, off[k]:off[k + 1]])
-            total = total + (v - (eps - x)).pow(2).sum()
-        return total / (B * self.in_channels * self.latent_side ** 2)
+            t_k = torch.rand(B, generator=generator, device=dev) if t is None else t[k]
+            eps = (torch.randn(x.shape, generator=generator, device=dev) if noise is None
+                   else noise[:, off[k]:off[k + 1]])
+            x_t = (1 - t_k[:, None, None]) * x + t_k[:, None, None] * eps
+            v = self.flownet(x_t, t_k, z[:, off[k]:off[k + 1]])
+            per_image = (v - (eps - x)).pow(2).mean(dim=(1, 2))  # [B]
+            total = total + per_image.mean() / self.latent_side ** 2 * s ** 2
+        return total
 
     # ------------------------------------------------------------------ step protocol (NextScaleModel)
     def start(self, cond: Condition, guided: bool = False, use_cache: bool = True) -> ScaleFlowState:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visar.generators.base import Condition, Generator
+from visar.generators.components.draws import check_draw
 from visar.generators.protocol import StepState
 from visar.nn.attention import Attention
 from visar.nn.embeddings import LabelEmbedding
@@ -62,17 +63,24 @@ def block_causal_mask(scales: Sequence[int]) -> torch.Tensor:
 
 
 class DropPath(nn.Module):
-    """Stochastic depth on the residual branch (training only)."""
+    """Stochastic depth on the residual branch (training only): ``x * (keep / (1 - p))`` with one
+    ``keep ~ Bernoulli(1 - p)`` per sample (VAR's ``drop_path``: the mask is divided first)."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x [B, ...]``; ``keep [B]`` (0/1) replaces the draw from ``generator`` (torch's global RNG if ``None``)."""
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        shape = (x.shape[0], *([1] * (x.dim() - 1)))
+        if keep is None:
+            keep = x.new_empty(shape).bernoulli_(1 - self.p, generator=generator)
+        else:
+            keep = keep.to(x.dtype).reshape(shape)
+        return x * keep.div(1 - self.p)
 
 
 class NextScaleBlock(nn.Module):
@@ -103,13 +111,17 @@ class NextScaleBlock(nn.Module):
         return self.ada_lin(cond_or_shared).view(-1, 6, self.dim)
 
     def forward(self, x: torch.Tensor, mods: torch.Tensor, mask: torch.Tensor | None = None,
-                cache=None, cache_pos: int | None = None, attend_len: int | None = None) -> torch.Tensor:
-        """``x [B, N, C]``, ``mods [B, 6, C]`` -> ``[B, N, C]``."""
+                cache=None, cache_pos: int | None = None, attend_len: int | None = None,
+                drop_keep: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x [B, N, C]``, ``mods [B, 6, C]`` -> ``[B, N, C]``; ``drop_keep [2, B]``: the DropPath keep masks of
+        the attention and FFN branches (training; drawn from ``generator`` when ``None``)."""
+        ka, kf = (None, None) if drop_keep is None else drop_keep.unbind(0)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods[:, :, None].unbind(1)  # each [B, 1, C]
         h = layer_norm_no_affine(x, self.norm_eps) * (scale1 + 1) + shift1
-        x = x + self.drop_path(self.attn(h, mask=mask, cache=cache, cache_pos=cache_pos, attend_len=attend_len) * gamma1)
+        a = self.attn(h, mask=mask, cache=cache, cache_pos=cache_pos, attend_len=attend_len)
+        x = x + self.drop_path(a * gamma1, ka, generator)
         h = layer_norm_no_affine(x, self.norm_eps) * (scale2 + 1) + shift2
-        return x + self.drop_path(self.ffn(h) * gamma2)
+        return x + self.drop_path(self.ffn(h) * gamma2, kf, generator)
 
 
 @dataclass
@@ -314,8 +326,12 @@ class NextScaleGenerator(Generator):
         x = torch.cat([sos, self.word_embed(inputs.to(self.word_embed.weight.dtype))], dim=1)
         return x + self.lvl_embed(self.lvl_1L) + self.pos_1LC
 
-    def forward_hidden(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Teacher-forced hidden states: ([embeddings, block 0 out, ...], class embedding ``[B, C]``)."""
+    def forward_hidden(self, inputs: torch.Tensor, labels: torch.Tensor, drop_path: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Teacher-forced hidden states: ([embeddings, block 0 out, ...], class embedding ``[B, C]``).
+
+        ``drop_path [depth, 2, B]``: DropPath keep masks (training; see :meth:`loss`), else drawn from ``generator``.
+        """
         if inputs.dim() != 3 or inputs.shape[1:] != (self.seq_len - self.first_len, self.token_dim):
             raise ValueError(f"teacher-forcing inputs must be [B, {self.seq_len - self.first_len}, {self.token_dim}], "
                              f"got {tuple(inputs.shape)}; build them with tokenizer.teacher_forcing_inputs(tokens)")
@@ -323,8 +339,8 @@ class NextScaleGenerator(Generator):
         x = self.embed_inputs(inputs, cond_emb)
         mask = self.attn_mask
         hidden = [x]
-        for b, mods in zip(self.blocks, self.condition_mods(cond_emb)):
-            x = b(x, mods, mask=mask)
+        for i, (b, mods) in enumerate(zip(self.blocks, self.condition_mods(cond_emb))):
+            x = b(x, mods, mask=mask, drop_keep=None if drop_path is None else drop_path[i], generator=generator)
             hidden.append(x)
         return hidden, cond_emb
 
@@ -345,19 +361,57 @@ class NextScaleGenerator(Generator):
         hidden, cond_emb = self.forward_hidden(inputs, labels)
         return self.head_logits(hidden[-1], cond_emb)
 
+    #: ``optim.ema: official``: VAR's trainer keeps no EMA (the trained weights are the released ones)
+    official_ema_decay = 0.0
+    #: substrings of parameter names VAR's ``train.py`` exempts from weight decay (its ``nowd_keys``)
+    NO_WEIGHT_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC",
+                            "pos_start", "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias",
+                            "scale_mul")
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay besides 1-D tensors and biases (timm's convention): VAR's rule,
+        every name containing one of :attr:`NO_WEIGHT_DECAY_KEYS` (``pos_start``, ``pos_1LC``, ``lvl_embed``,
+        the attention ``scale_mul`` and the shared-AdaLN ``ada_gss``); ``word_embed`` and the class table decay."""
+        return {n for n, _ in self.named_parameters() if any(k in n for k in self.NO_WEIGHT_DECAY_KEYS)}
+
     def loss(self, tokens: Sequence[torch.Tensor], cond: Condition | torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean cross-entropy over all ``L`` tokens; labels dropped to the null class with ``class_dropout``."""
+             generator: torch.Generator | None = None, *, drop: torch.Tensor | None = None,
+             drop_path: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy over all ``L`` tokens as VAR's trainer computes it: per-token CE weighted by ``1 / L``,
+        summed over tokens, averaged over images (every scale weighted by its token count).
+
+        In training mode labels are dropped to the null class with probability ``class_dropout`` and the
+        residual branches of blocks with a DropPath rate ``> 0`` are dropped per sample, drawn from
+        ``generator`` in that order (DropPath: block by block, attention then FFN branch). Explicit draws:
+
+        Args:
+            drop: ``[B]`` bool, True = label replaced by the null class (applied in any mode).
+            drop_path: ``[depth, 2, B]`` keep masks (1 = keep) of the attention and FFN branches of every
+                block; the rows of blocks without DropPath must be all ones. Kept rows are scaled by
+                ``1 / (1 - rate)`` as usual.
+        """
         ids = self.tokens_to_list(tokens)
         labels = self.labels_of(cond, allow_null=False)
-        if self.training and self.class_dropout > 0:
+        B = labels.shape[0]
+        if drop is not None:
+            drop = check_draw("drop", drop, (B,), "mask", labels.device)
+        elif self.training and self.class_dropout > 0:
             drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.class_dropout
+        if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        if drop_path is not None:
+            drop_path = check_draw("drop_path", drop_path, (self.depth, 2, B), "mask", labels.device)
+            off = [i for i, b in enumerate(self.blocks) if b.drop_path.p == 0.0 and not bool(drop_path[i].all())]
+            if off:
+                raise ValueError(f"drop_path drops rows of blocks {off}, which have no DropPath (rate 0)")
         with torch.no_grad():
             inputs = self.quantizer.teacher_forcing_inputs(ids)
-        logits = self.forward(inputs, labels)
+        hidden, cond_emb = self.forward_hidden(inputs, labels, drop_path, generator)
+        logits = self.head_logits(hidden[-1], cond_emb)
         target = torch.cat(ids, 1)
-        return F.cross_entropy(logits.reshape(-1, self.vocab_size), target.reshape(-1))
+        ce = F.cross_entropy(logits.reshape(-1, self.vocab_size), target.reshape(-1), reduction="none")
+        weight = torch.full((1, self.seq_len), 1.0 / self.seq_len, device=ce.device)
+        return ce.view(B, -1).mul(weight).sum(-1).mean()
 
     # ---- step protocol (NextScaleModel; the loop is visar.samplers.next_scale) ------------------------------
     def start(self, cond: Condition | torch.Tensor | Sequence[int], guided: bool = False, *, use_cache: bool = True,

@@ -23,6 +23,7 @@ from torch import nn
 
 from visar.conditions import cat_conditions
 from visar.generators.base import Condition, Generator
+from visar.generators.components.draws import check_draw
 from visar.generators.components.llama_trunk import CaptionEmbedding, LlamaTrunk, init_llama_weights
 from visar.generators.components.token_cache_steps import CachedTokenSteps, NextTokenState  # noqa: F401 (re-exported)
 from visar.nn.embeddings import LabelEmbedding
@@ -200,17 +201,52 @@ class NextTokenGenerator(CachedTokenSteps, Generator):
         names = ["embed"] + [f"layer{i}" for i in range(len(hidden) - 2)] + ["final_norm"]
         return logits, {n: t[:, C - 1:C - 1 + L] for n, t in zip(names, hidden)}
 
+    #: ``optim.ema: official``: LlamaGen's documented runs train without EMA (``--ema`` is off by default; with
+    #: it, a constant 0.9999 over the parameters, ``optim.ema: constant`` with ``train.ema_decay: 0.9999``)
+    official_ema_decay = 0.0
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay besides 1-D tensors and biases (timm's convention): none, since
+        LlamaGen's ``creat_optimizer`` decays every tensor with >= 2 dimensions (embeddings included)."""
+        return set()
+
     def loss(self, tokens: torch.Tensor, cond: Condition, generator: torch.Generator | None = None,
-             drop_prob: float | None = None) -> torch.Tensor:
+             drop_prob: float | None = None, *, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy of ``tokens [B, h, w]`` or ``[B, L]`` given ``cond``.
 
         In training mode the condition is replaced by the null class / unconditional caption with
         probability ``drop_prob`` (default: the model's ``class_dropout``), drawn from ``generator``.
+        ``drop`` (``[B]`` bool, True = replaced) gives that draw explicitly and applies in any mode. The
+        dropouts inside the trunk (``token_dropout``, ...) are ``nn.Dropout`` draws of torch's global RNG.
         """
         tokens = self._tokens(tokens)
+        self.check_condition(cond, allow_null=True)
+        if cond.batch_size != tokens.shape[0]:
+            raise ValueError(f"{cond.batch_size} conditions for {tokens.shape[0]} token rows")
+        B = tokens.shape[0]
         p = (self.class_dropout if drop_prob is None else drop_prob) if self.training else 0.0
-        logits = self.forward(tokens, cond, drop_prob=p, generator=generator)
+        if drop is not None:
+            drop = check_draw("drop", drop, (B,), "mask", tokens.device)
+        elif p > 0:
+            drop = torch.rand(B, generator=generator, device=self._condition_device(cond)) < p
+        if drop is not None:
+            cond = self.drop_condition(cond, drop)
+        logits = self.forward(tokens, cond)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+    @staticmethod
+    def _condition_device(cond: Condition) -> torch.device:
+        return (cond.text if cond.labels is None else cond.labels).device
+
+    def drop_condition(self, cond: Condition, drop: torch.Tensor) -> Condition:
+        """``cond`` with the rows where ``drop [B]`` (bool) is True replaced by the null condition (null class,
+        or the unconditional caption with the row's padding mask kept)."""
+        null = self.null_condition(cond)
+        if not self.text_conditional:
+            return Condition(labels=torch.where(drop.to(cond.labels.device), null.labels, cond.labels))
+        cond, dtype = self.padded_text(cond), self.tok_embed.weight.dtype
+        text = torch.where(drop.to(cond.text.device)[:, None, None], null.text.to(dtype), cond.text.to(dtype))
+        return Condition(text=text, text_mask=cond.text_mask)
 
     # -- step protocol (start / step / rewind / decode_step from CachedTokenSteps) ---------------
     def step_condition(self, cond: Condition, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -29,6 +29,7 @@ from torch import nn
 
 from visar.generators.components.adaln_encoder_decoder import AdaLNEncoderDecoder, TrunkState
 from visar.generators.base import Condition, Generator
+from visar.generators.components.draws import check_draw, given_or_drawn
 from visar.generators.components.entities import EntityLayout, make_partition
 from visar.nn.embeddings import LabelEmbedding, TimestepEmbedding, quantize_timestep, timestep_sinusoid
 from visar.nn.kv_cache import CacheState
@@ -163,23 +164,50 @@ class NextXGenerator(AdaLNEncoderDecoder, Generator):
         c = self.entity_condition(labels.to(x_t.device), t, self.label_drop_prob if drop_labels else 0.0, generator)
         return self.transformer(x_t, c, mask=self.mask.to(x_t.dtype), cond_index=self.entity_index)
 
-    def loss(self, tokens: torch.Tensor, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
+    #: ``optim.ema: official``: xAR's ``update_ema`` with ``--ema_rate 0.9999`` after every step
+    official_ema_decay = 0.9999
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay besides 1-D tensors and biases (timm's convention): none (xAR
+        reuses MAR's ``add_weight_decay``; xAR has no ``diffloss`` module)."""
+        return set()
+
+    def loss(self, tokens: torch.Tensor, cond: Condition, generator: torch.Generator | None = None, *,
+             drop: torch.Tensor | None = None, t: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
         """Noisy Context Learning loss.
 
         Every entity gets ``t ~ sigmoid(N(0, 1))`` and its own noise; ``x_t = (1 - t) x + t eps``;
         MSE between the predicted velocity and ``eps - x`` over all tokens at once (block-causal mask,
         so every entity is predicted from noisy earlier ones). ``tokens``: ``[B, C, H, W]`` latents.
+        Labels are dropped to the null class with probability ``label_drop_prob`` (training mode). The draws
+        (``t``, ``eps``, then the label drop) come from ``generator`` unless given:
+
+        Args:
+            drop: ``[B]`` bool, True = label replaced by the null class (applied in any mode).
+            t: ``[B, E]`` flow times in ``[0, 1]`` (1 = noise), one per entity (float32; the time embedding
+                sees ``(t * 1000).long()``).
+            noise: ``[B, N, C]`` ``eps`` in sequence order (:meth:`EntityLayout.to_sequence`).
         """
         cond = Condition.of(cond)
         self.check_condition(cond)
         self.check_latents(tokens)
         x = self.partition.to_sequence(tokens)  # [B, N, C]
-        B, dev = x.shape[0], x.device
-        t = torch.sigmoid(torch.randn(B, self.partition.num_entities, generator=generator, device=dev))
-        eps = torch.randn(x.shape, generator=generator, device=dev)
+        B, dev, E = x.shape[0], x.device, self.partition.num_entities
+        t = given_or_drawn("t", t, lambda: torch.sigmoid(torch.randn(B, E, generator=generator, device=dev)),
+                           (B, E), "real", dev, torch.get_default_dtype(), low=0.0, high=1.0)
+        eps = given_or_drawn("noise", noise, lambda: torch.randn(x.shape, generator=generator, device=dev),
+                             tuple(x.shape), "real", dev, torch.get_default_dtype())
+        labels = cond.labels.to(dev)
+        if drop is not None:
+            drop = check_draw("drop", drop, (B,), "mask", dev)
+        elif self.training and self.label_drop_prob > 0:
+            drop = torch.rand(labels.shape, generator=generator, device=dev) < self.label_drop_prob
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         t_tok = t[:, self.entity_index][..., None]  # [B, N, 1]
         x_t = (1 - t_tok) * x + t_tok * eps
-        v = self.forward(x_t, t, cond.labels.to(dev), drop_labels=self.training, generator=generator)
+        v = self.forward(x_t, t, labels)
         return (v - (eps - x)).pow(2).mean()
 
     # ------------------------------------------------------------------ step protocol (NextXModel)
