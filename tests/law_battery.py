@@ -9,7 +9,7 @@ Statistics (general; any sampler whose output law is known exactly):
   its exact expectation), :func:`sequence_index` / :func:`exact_joint` (the joint law of ``L`` tokens over
   ``V`` symbols from teacher-forced conditional laws, cells indexed base ``V``, token 0 most significant);
 * :func:`speculative_cost`: the exact expected rounds and accepted drafts of lossless speculative
-  decoding from a prefix (``samplers.md`` 1.1: accept ``x`` with mass ``min(p, q)(x)``, correct ``y``
+  decoding from a prefix (``docs/design/samplers.md`` 1.1: accept ``x`` with mass ``min(p, q)(x)``, correct ``y``
   with mass ``(p - min(p, q))(y)``, bonus from ``p``).
 
 Toys (next-token, logits, CFG with a null class; any :class:`visar.generators.protocol.NextTokenModel`

@@ -228,7 +228,7 @@ def test_nan_logits_raise():
 
 
 class _SpeculativeAdapter:
-    """The toy-model protocol of design/samplers.md section 4, bridged onto the step interface."""
+    """The toy-model protocol of docs/design/samplers.md section 4, bridged onto the step interface."""
 
     def __init__(self, model: NextTokenGenerator):
         self.model = model

@@ -101,3 +101,38 @@ def test_version1_sampling_defaults_migrate():
         {"cfg_scale": 3.0, "num_steps": 25}
     assert migrate_sampling_defaults({"cfg_scale": 2.5}, 1, "llamagen") == {"cfg_scale": 2.5}
     assert migrate_sampling_defaults({"cfg_scale": 2.5}, 2, "var") == {"cfg_scale": 2.5}
+
+
+def test_model_valued_sampler_options_save_as_components(pipe, tmp_path):
+    from visar.samplers.flow_map import FlowMapSampler
+    from visar.samplers.speculative import SpeculativeSampler
+
+    torch.manual_seed(1)
+    draft = zoo.create("llamagen-gpt-tiny")
+    for sampler, component in [(SpeculativeSampler(draft=draft, k=2), "sampler_draft"),
+                               (FlowMapSampler(codebook=pipe.tokenizer), "sampler_codebook")]:
+        p = Pipeline(pipe.tokenizer, pipe.generator, sampler=sampler)
+        folder = tmp_path / component
+        p.save_pretrained(folder)
+        assert (folder / f"{component}.safetensors").is_file()
+        q = Pipeline.from_pretrained(folder)
+        assert type(q.sampler) is type(sampler)
+        assert torch.equal(p.generate([1, 2], seed=3), q.generate([1, 2], seed=3))
+    with pytest.raises(TypeError, match="cannot be saved"):
+        Pipeline(pipe.tokenizer, pipe.generator, sampler=FlowMapSampler(codebook=torch.randn(256, 8))).save_pretrained(
+            tmp_path / "bad")
+
+
+def test_cli_sampler_draft_and_flow_map(pipe, tmp_path):
+    from visar.cli import main
+
+    pipe.save_pretrained(tmp_path / "model")
+    assert main(["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "a"), "--num", "4",
+                 "--sampler", "speculative", "--draft", str(tmp_path / "model"), "--k", "2", "--quiet"]) == 0
+    assert (tmp_path / "a" / "grid.png").is_file()
+    assert main(["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "b"), "--num", "4",
+                 "--sampler", "flow_map", "--quiet"]) == 0
+    # --draft without a speculative sampler is a usage error, before any image is drawn
+    assert main(["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "c"), "--num", "4",
+                 "--draft", str(tmp_path / "model"), "--quiet"]) == 2
+    assert not (tmp_path / "c" / "grid.png").exists()

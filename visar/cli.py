@@ -40,6 +40,24 @@ def parse_class_ids(text: str | None, num_classes: int, flag: str = "--classes")
     return ids
 
 
+def sampler_model_options(pipe, args: argparse.Namespace) -> dict:
+    """Options that name models: ``--draft PATH`` (speculative samplers' draft generator), ``--k N``, and the
+    pipeline's tokenizer as the codebook of the flow-map samplers."""
+    out = {}
+    if args.draft is not None:
+        if "draft" not in pipe.sampler.defaults:
+            raise ValueError(f"--draft is for the speculative samplers (speculative, cspd); the {pipe.sampler.name!r} "
+                             "sampler takes no draft: add --sampler speculative")
+        from visar.generators.base import Generator
+
+        out["draft"] = Generator.from_pretrained(args.draft, "generator", map_location=pipe.device).eval()
+    if args.k is not None:
+        out["k"] = args.k
+    if "codebook" in pipe.sampler.defaults and "codebook" not in pipe.sampler.options:
+        out["codebook"] = pipe.tokenizer
+    return out
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Sample a grid (and optionally PNGs / an npz) under the seed rule of ``visar eval sample``
     (:data:`visar.eval.sidecar.SEED_RULE`): the same seed and settings give the same images."""
@@ -78,6 +96,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             options[name] = value
     if args.sampler:
         pipe.sampler = pipe.resolve_sampler(args.sampler)
+    options.update(sampler_model_options(pipe, args))
     # check the option names and values before any image is drawn
     pipe.sampler.resolve(pipe.options_for(pipe.sampler, options))
     chunks = []
@@ -260,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default=None, choices=registered("sampler"), metavar="NAME",
                    help="sampler, one of `visar models --kind sampler` (default: the model's own, which reproduces "
                         "the official sampling)")
+    s.add_argument("--draft", default=None, metavar="PATH",
+                   help="speculative samplers: folder of the draft generator (generator.json + .safetensors, e.g. a "
+                        "pipeline folder); default: none")
+    s.add_argument("--k", type=int, default=None, metavar="N",
+                   help="speculative samplers: draft tokens per target pass (default: the sampler's, 4)")
     s.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
                    help="any sampler option, e.g. --option num_steps=50; JSON values, repeatable, see "
                         "docs/architecture.md (default: none)")

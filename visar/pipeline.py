@@ -137,7 +137,7 @@ class Pipeline:
         self.generator.save_pretrained(d, "generator")
         meta = {"format": "visar-pipeline", "version": PIPELINE_VERSION}
         if self.sampler.name != getattr(self.generator, "default_sampler", None) or self.sampler.options:
-            meta["sampler"] = {"name": self.sampler.name, "options": self.sampler.options}
+            meta["sampler"] = {"name": self.sampler.name, "options": self._save_sampler_options(d)}
         if self.sampling_defaults:
             meta["sampling_defaults"] = self.sampling_defaults
         atomic_write_bytes(d / "pipeline.json", json.dumps(meta).encode())
@@ -160,5 +160,33 @@ class Pipeline:
         defaults = migrate_sampling_defaults(meta.get("sampling_defaults"), int(meta.get("version", 1)),
                                              getattr(gen, "family", ""))
         spec = meta.get("sampler")
-        sampler = get_sampler(spec["name"], **spec.get("options", {})) if spec else None
+        sampler = None
+        if spec:
+            options = {k: cls._load_sampler_option(d, v, device) for k, v in spec.get("options", {}).items()}
+            sampler = get_sampler(spec["name"], **options)
         return cls(tok, gen, sampler=sampler, sampling_defaults=defaults)
+
+    def _save_sampler_options(self, d: Path) -> dict:
+        """The sampler's options as JSON: a model option (a speculative draft, a distilled student, a
+        tokenizer whose codebook a flow-map sampler reads) is saved as its own component ``sampler_<name>``."""
+        import torch.nn as nn
+
+        out = {}
+        for k, v in self.sampler.options.items():
+            if isinstance(v, nn.Module) and callable(getattr(v, "save_pretrained", None)):
+                v.save_pretrained(d, f"sampler_{k}")
+                out[k] = {"component": f"sampler_{k}", "kind": "tokenizer" if isinstance(v, Tokenizer) else "generator"}
+            elif isinstance(v, (str, int, float, bool, type(None), list, dict)):
+                out[k] = v
+            else:
+                raise TypeError(f"the sampler option {k}={type(v).__name__} cannot be saved with the pipeline; give a "
+                                "saved model folder path or a visar model instead, or save the pipeline without this "
+                                "sampler (Pipeline(tokenizer, generator))")
+        return out
+
+    @staticmethod
+    def _load_sampler_option(d: Path, value: Any, device) -> Any:
+        if isinstance(value, dict) and set(value) == {"component", "kind"}:
+            base = Tokenizer if value["kind"] == "tokenizer" else Generator
+            return base.from_pretrained(d, value["component"], map_location=device)
+        return value

@@ -1,6 +1,6 @@
 """Lossless draft-and-verify rule shared by the speculative and Jacobi samplers.
 
-Three pieces (docs/speculative.md, design note ``samplers.md`` section 1):
+Three pieces (docs/speculative.md, ``docs/design/samplers.md`` section 1):
 
 * :func:`processed_laws`: the distribution the plain sampler (``"autoregressive"``) draws a token from,
   after guidance (evaluated per row at the token's absolute position, LlamaGen's ``cfg_interval``),

@@ -1,7 +1,7 @@
 """Continuous speculative decoding (CSpD) for continuous-token models with a diffusion (or flow) head.
 
 :class:`ContinuousSpeculativeSampler` (registered ``"cspd"``) accelerates a target model with a cheaper
-draft model of the same token shape, **exactly** by default (``design/samplers.md`` §2, ``docs/speculative.md``):
+draft model of the same token shape, **exactly** by default (``docs/design/samplers.md`` §2, ``docs/speculative.md``):
 
 * a token's density is an integral over the head's denoising trajectory, so the two heads share the
   trajectory noise ``Z`` and are compared on their last step, an explicit Gaussian each (``q(x | Z)``,

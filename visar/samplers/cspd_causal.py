@@ -1,4 +1,4 @@
-"""Continuous speculative decoding, causal layout: raster-order next-token models (``design/samplers.md`` §2.6).
+"""Continuous speculative decoding, causal layout: raster-order next-token models (``docs/design/samplers.md`` §2.6).
 
 :func:`sample_causal` drives a target and a draft :class:`~visar.generators.protocol.NextTokenModel` that
 emit head conditioning. With ``n[b]`` committed tokens in image row ``b``:

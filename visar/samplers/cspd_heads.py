@@ -1,7 +1,7 @@
 """The token-head side of continuous speculative decoding: two heads on shared noise, the test, the residual.
 
 :class:`HeadPair` holds the draft's and the target's token heads and everything one sample needs to
-compare them (``design/samplers.md`` §2.2-2.3):
+compare them (``docs/design/samplers.md`` §2.2-2.3):
 
 * :meth:`HeadPair.noise` draws the trajectory noise ``Z = (x_T, e_T .. e_2)`` of ``n`` tokens once;
   :meth:`HeadPair.last_step` runs one head's chain on it (:func:`visar.samplers.heads.run_chain`) and

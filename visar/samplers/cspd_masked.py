@@ -1,4 +1,4 @@
-"""Continuous speculative decoding, MAR block layout (``design/samplers.md`` §2.5).
+"""Continuous speculative decoding, MAR block layout (``docs/design/samplers.md`` §2.5).
 
 :func:`sample_masked` drives a target and a draft :class:`~visar.generators.protocol.MaskedModel`. The
 target's schedule is :class:`~visar.samplers.masked.MaskedSampler`'s: ``num_iter`` steps, one random order

@@ -1,4 +1,4 @@
-"""Gaussian arithmetic of continuous speculative decoding (``design/samplers.md`` §2.2-2.3), in log space.
+"""Gaussian arithmetic of continuous speculative decoding (``docs/design/samplers.md`` §2.2-2.3), in log space.
 
 Given the shared trajectory noise ``Z``, the draft's and the target's last denoising steps are the
 isotropic-per-channel Gaussians ``q = N(m_q, diag s_q^2)`` and ``p = N(m_p, diag s_p^2)`` over a token of
@@ -39,7 +39,7 @@ def log_ratio(x: torch.Tensor, mean_p: torch.Tensor, std_p: torch.Tensor, mean_q
 def relaxed_log_ratio(x: torch.Tensor, mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
                       std_q: torch.Tensor, relaxation: float, path_p: torch.Tensor | None = None,
                       path_q: torch.Tensor | None = None) -> torch.Tensor:
-    """The public CSpD acceptance exponent (LOSSY; ``design/samplers.md`` §2.5), float64 ``[N]``:
+    """The public CSpD acceptance exponent (LOSSY; ``docs/design/samplers.md`` §2.5), float64 ``[N]``:
 
     ``-|x - m_p|^2 / (2 l^2 s_p^2) + |x - m_q|^2 / (2 l^2 s_q^2) + sum log(s_q / s_p)
     + sum_{earlier steps} log(sigma_p,t / sigma_q,t)`` with ``l = relaxation``; ``path_p``, ``path_q``

@@ -10,7 +10,7 @@ random draw, in MAR's official order (``N`` tokens of ``C`` channels, ``R = 2N``
 3. flow: the ODE is deterministic and ``temperature`` scales the starting noise; the last step's Gaussian
    ``N(endpoint, (final_std * temperature)^2)`` is drawn only with ``final_noise`` and ``final_std > 0``.
 
-:func:`sample_head` is the whole chain. Continuous speculative decoding (``design/samplers.md`` §2) needs
+:func:`sample_head` is the whole chain. Continuous speculative decoding (``docs/design/samplers.md`` §2) needs
 its pieces: :func:`head_start_noise` (shared start noise), :func:`run_chain` (the chain stopped before its
 last draw: the state entering the last step and that step's Gaussian, a :class:`ChainTail`) and
 :func:`finish_chain` (the last draw), with :class:`~visar.generators.components.heads.HeadNoise` to replay a trajectory.

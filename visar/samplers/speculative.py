@@ -2,7 +2,7 @@
 
 :class:`SpeculativeSampler` (registered ``"speculative"``) draws exactly the law of the plain sampler
 (``"autoregressive"``) with the same options: CFG on raw logits, temperature, top-k and top-p. Each
-round (design note ``samplers.md`` 1.1-1.5, docs/speculative.md):
+round (``docs/design/samplers.md`` 1.1-1.5, docs/speculative.md):
 
 1. the draft proposes ``k' = min(k, L - n)`` tokens ``x_j ~ q_j`` (its processed laws, with its own
    options, guidance evaluated at each token's absolute position);

@@ -11,7 +11,7 @@ Two heads share one interface (``N`` tokens of ``C`` channels, conditioning widt
 
 The chain (start noise, the loop over steps, the noise draws, the last step's density) is driven by
 :mod:`visar.samplers.heads` (``sample_head(head, z, ...)``), so samplers can share a trajectory between
-two heads or stop before the last step (continuous speculative decoding, ``design/samplers.md`` §2).
+two heads or stop before the last step (continuous speculative decoding, ``docs/design/samplers.md`` §2).
 
 With guidance ``z`` stacks ``[cond; uncond]`` (``2N`` rows) and ``N`` tokens come back, the convention
 of MAR (guidance is applied to the noise / velocity prediction only).
