@@ -60,10 +60,7 @@ class ContinuousARSampler(Sampler):
     head chain per token).
     """
 
-    name = "continuous_ar"
-    protocol = NextTokenModel
-    emits = "condition"
-    defaults = CONTINUOUS_AR_DEFAULTS
+    name, protocol, emits, defaults = "continuous_ar", NextTokenModel, "condition", CONTINUOUS_AR_DEFAULTS
 
     def validate(self, options: dict[str, Any]) -> None:
         check_num_steps(options["num_steps"])

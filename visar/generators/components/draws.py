@@ -69,3 +69,20 @@ def given_or_drawn(name: str, value, draw: Callable[[], torch.Tensor], shape: tu
     if value is None:
         return draw()
     return check_draw(name, value, shape, kind, device, dtype, low, high)
+
+
+def drop_labels(labels: torch.Tensor, drop, prob: float, training: bool, null_class: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Class-dropout for guidance training: ``labels [B]`` with the dropped rows set to ``null_class``.
+
+    ``drop`` (``[B]`` mask) replays a recorded draw; otherwise rows are dropped with probability ``prob``
+    (one ``torch.rand`` draw of ``[B]`` from ``generator``) in training mode only.
+    """
+    B, dev = labels.shape[0], labels.device
+    if drop is not None:
+        drop = check_draw("drop", drop, (B,), "mask", dev)
+    elif training and prob > 0:
+        drop = torch.rand(labels.shape, generator=generator, device=dev) < prob
+    if drop is None:
+        return labels
+    return torch.where(drop, torch.full_like(labels, null_class), labels)

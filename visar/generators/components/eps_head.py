@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from visar.generators.components.diffusion_schedule import cosine_betas, space_timesteps
-from visar.generators.components.heads import MODEL_X0_CLIP, check_x0_clip, split_guided
+from visar.generators.components.heads import MODEL_X0_CLIP, ReverseStepHead, check_x0_clip
 from visar.nn.guidance import cfg_mix
 
 #: ``eps(x_t [N, C], abar_t [N, 1], cond [N, D]) -> [N, C]``
@@ -51,7 +51,7 @@ class RespacedTables:
         self.coef2 = (1.0 - self.abar_prev) * np.sqrt(1.0 - self.betas) / (1.0 - self.abar)
 
 
-class EpsilonHead(nn.Module):
+class EpsilonHead(ReverseStepHead, nn.Module):
     """A ``"diffusion"`` token head from a noise predictor (see the module docstring for the maths).
 
     Args:
@@ -131,18 +131,6 @@ class EpsilonHead(nn.Module):
         return math.sqrt(t.posterior_variance[max(index, 1)])  # ADM's clip: step 0 takes step 1's variance
 
     @torch.no_grad()
-    def step_gaussian(self, x: torch.Tensor, index: int, z: torch.Tensor, steps: int | None = None,
-                      cfg: float | torch.Tensor = 1.0, guided: bool | None = None,
-                      x0_clip: Any = MODEL_X0_CLIP) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Gaussian of reverse step ``index`` (``steps - 1`` down to 0) from ``x [R, C]``, conditioning
-        ``z [R, D]`` (``[cond; uncond]`` when guided): ``(mean, std)`` each ``[R, C]``, un-tempered."""
-        steps = self.resolve_steps(steps)
-        if not 0 <= index < steps:
-            raise ValueError(f"index must be in [0, {steps}), got {index}")
-        clip = self.resolve_x0_clip(x0_clip)
-        g, _ = split_guided(z, cfg, guided)
-        return self.reverse_gaussian(self.schedule(steps), x, index, z, cfg, g, clip)
-
     def schedule(self, steps: int) -> RespacedTables:
         """The respaced tables of ``steps`` sampling steps (the head chain resolves them once)."""
         return self.tables(steps)

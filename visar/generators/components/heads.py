@@ -242,7 +242,38 @@ def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
                        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
 
 
-class DiffusionHead(nn.Module):
+class ReverseStepHead:
+    """What a diffusion token head shares: the checked one-step API :meth:`step_gaussian` built on the
+    head's ``resolve_steps``, ``resolve_x0_clip``, ``schedule`` and unchecked ``reverse_gaussian``."""
+
+    def step_gaussian(self, x: torch.Tensor, index: int, z: torch.Tensor, steps: int | None = None,
+                      cfg: float | torch.Tensor = 1.0, guided: bool | None = None,
+                      x0_clip: float | None | str = MODEL_X0_CLIP) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian of one reverse step (the chain is driven by :func:`visar.samplers.heads.sample_head`).
+
+        Args:
+            x: ``[R, C]`` current state (``R = 2N`` rows ``[cond; uncond]`` when guided; the conditional
+                half's state is used for both halves).
+            index: respaced step ``i`` in ``[0, steps)``, run from ``steps - 1`` down to 0 (0 = last step).
+            z: ``[R, D]`` conditioning, ``[cond; uncond]`` when guided.
+            steps: respaced step count (default ``num_sampling_steps``), in ``[2, num_train_steps]``.
+            cfg: guidance scale on the predicted noise (a float or a one-element tensor); 1 = none.
+            guided: force the row layout (default: guided iff ``cfg != 1``).
+            x0_clip: ``"model"`` (default: the head's own), ``None`` (no clipping, the official sampler) or
+                a finite number > 0 (clamp the predicted clean token to ``[-x0_clip, x0_clip]``).
+
+        Returns:
+            ``(mean, std)`` each ``[R, C]``, un-tempered: ``x_next = mean + std * noise * temperature``.
+        """
+        steps = self.resolve_steps(steps)
+        if not 0 <= index < steps:
+            raise ValueError(f"index must be in [0, {steps}), got {index}")
+        clip = self.resolve_x0_clip(x0_clip)
+        g, _ = split_guided(z, cfg, guided)
+        return self.reverse_gaussian(self.schedule(steps), x, index, z, cfg, g, clip)
+
+
+class DiffusionHead(ReverseStepHead, nn.Module):
     """MAR's DiffLoss: a diffusion model of one token given its conditioning vector.
 
     Args:
@@ -358,32 +389,6 @@ class DiffusionHead(nn.Module):
         return None if x0_clip is None else float(x0_clip)
 
     @torch.no_grad()
-    def step_gaussian(self, x: torch.Tensor, index: int, z: torch.Tensor, steps: int | None = None,
-                      cfg: float | torch.Tensor = 1.0, guided: bool | None = None,
-                      x0_clip: float | None | str = MODEL_X0_CLIP) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Gaussian of one reverse step (the chain is driven by :func:`visar.samplers.heads.sample_head`).
-
-        Args:
-            x: ``[R, C]`` current state (``R = 2N`` rows ``[cond; uncond]`` when guided; the conditional
-                half's state is used for both halves).
-            index: respaced step ``i`` in ``[0, steps)``, run from ``steps - 1`` down to 0 (0 = last step).
-            z: ``[R, D]`` conditioning, ``[cond; uncond]`` when guided.
-            steps: respaced step count (default ``num_sampling_steps``), in ``[2, num_train_steps]``.
-            cfg: guidance scale on the predicted noise (a float or a one-element tensor); 1 = none.
-            guided: force the row layout (default: guided iff ``cfg != 1``).
-            x0_clip: ``"model"`` (default: the head's own), ``None`` (no clipping, the official sampler) or
-                a finite number > 0 (clamp the predicted clean token to ``[-x0_clip, x0_clip]``).
-
-        Returns:
-            ``(mean, std)`` each ``[R, C]``, un-tempered: ``x_next = mean + std * noise * temperature``.
-        """
-        steps = self.resolve_steps(steps)
-        if not 0 <= index < steps:
-            raise ValueError(f"index must be in [0, {steps}), got {index}")
-        clip = self.resolve_x0_clip(x0_clip)
-        g, _ = split_guided(z, cfg, guided)
-        return self.reverse_gaussian(self.schedule(steps), x, index, z, cfg, g, clip)
-
     def schedule(self, steps: int):
         """The respaced schedule of ``steps`` sampling steps (cached)."""
         return get_schedule(self.num_train_steps, steps)

@@ -30,7 +30,7 @@ from torch import nn
 
 from visar.generators.components.adaln_encoder_decoder import AdaLNEncoderDecoder, TrunkState, check_rope_width
 from visar.generators.base import Condition, Generator
-from visar.generators.components.draws import check_draw
+from visar.generators.components.draws import check_draw, drop_labels
 from visar.generators.components.entities import ScalePyramid
 from visar.generators.components.flow_head_transformer import FlowHeadTransformer
 from visar.nn.embeddings import LabelEmbedding
@@ -208,12 +208,7 @@ class NextScaleFlowGenerator(AdaLNEncoderDecoder, Generator):
         self.check_latents(tokens)
         B, dev, K = tokens.shape[0], tokens.device, len(self.scales)
         labels = cond.labels.to(dev)
-        if drop is not None:
-            drop = check_draw("drop", drop, (B,), "mask", dev)
-        elif self.training and self.label_drop_prob > 0:
-            drop = torch.rand(labels.shape, generator=generator, device=dev) < self.label_drop_prob
-        if drop is not None:
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        labels = drop_labels(labels, drop, self.label_drop_prob, self.training, self.num_classes, generator)
         if t is not None:
             t = check_draw("t", t, (K, B), "real", dev, torch.get_default_dtype(), low=0.0, high=1.0)
         if noise is not None:

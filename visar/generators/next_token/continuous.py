@@ -61,10 +61,8 @@ class NextTokenContinuousGenerator(CachedTokenSteps, Generator):
             :class:`~visar.generators.components.heads.DiffusionHead`.
     """
 
-    family = "mar-ar"
-    token_kind = "continuous"
-    emits = "condition"
-    default_sampler = "continuous_ar"
+    # continuous tokens: the steps emit the token head's conditioning, drawn by the continuous AR sampler
+    family, token_kind, emits, default_sampler = "mar-ar", "continuous", "condition", "continuous_ar"
 
     @register_config
     def __init__(self, token_channels: int = 16, grid_size: int = 16, patch_size: int = 1, dim: int = 768,

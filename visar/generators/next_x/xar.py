@@ -29,7 +29,7 @@ from torch import nn
 
 from visar.generators.components.adaln_encoder_decoder import AdaLNEncoderDecoder, TrunkState
 from visar.generators.base import Condition, Generator
-from visar.generators.components.draws import check_draw, given_or_drawn
+from visar.generators.components.draws import drop_labels, given_or_drawn
 from visar.generators.components.entities import EntityLayout, make_partition
 from visar.nn.embeddings import LabelEmbedding, TimestepEmbedding, quantize_timestep, timestep_sinusoid
 from visar.nn.kv_cache import CacheState
@@ -199,12 +199,7 @@ class NextXGenerator(AdaLNEncoderDecoder, Generator):
         eps = given_or_drawn("noise", noise, lambda: torch.randn(x.shape, generator=generator, device=dev),
                              tuple(x.shape), "real", dev, torch.get_default_dtype())
         labels = cond.labels.to(dev)
-        if drop is not None:
-            drop = check_draw("drop", drop, (B,), "mask", dev)
-        elif self.training and self.label_drop_prob > 0:
-            drop = torch.rand(labels.shape, generator=generator, device=dev) < self.label_drop_prob
-        if drop is not None:
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        labels = drop_labels(labels, drop, self.label_drop_prob, self.training, self.num_classes, generator)
         t_tok = t[:, self.entity_index][..., None]  # [B, N, 1]
         x_t = (1 - t_tok) * x + t_tok * eps
         v = self.forward(x_t, t, labels)
