@@ -12,7 +12,8 @@ from visar.samplers.logits import (check_finite, process_logits, sample_categori
                                    top_p_filter_ascending)
 from visar.utils.config import Configurable, register_config
 from visar.utils.io import atomic_write_bytes
-from visar.utils.validation import check_images, check_labels, check_sampling_args, check_tokens
+from visar.samplers.options import check_common
+from visar.utils.validation import check_images, check_labels, check_tokens
 
 
 class Tiny(Configurable):
@@ -116,8 +117,8 @@ def test_nan_logits_and_argument_validation():
     for kwargs, msg in [(dict(cfg_scale=-1), "cfg_scale"), (dict(temperature=0), "temperature"),
                         (dict(top_k=-1), "top_k"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p")]:
         with pytest.raises(ValueError, match=msg):
-            check_sampling_args(**kwargs)
-    check_sampling_args(cfg_scale=0, temperature=1e-3, top_k=0, top_p=1.0)
+            check_common(kwargs)
+    check_common(dict(cfg_scale=0, temperature=1e-3, top_k=0, top_p=1.0))
 
 
 def test_input_validation_messages(caplog):

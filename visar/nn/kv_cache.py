@@ -75,6 +75,3 @@ class CacheState(nn.Module):
         if (n < 0).any() or (n > self.lengths).any():
             raise ValueError(f"cannot rewind {n.tolist()} entries from lengths {self.lengths.tolist()}")
         self.lengths -= n
-
-    def reset(self) -> None:
-        self.lengths.zero_()

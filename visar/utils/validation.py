@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -53,19 +52,6 @@ def check_tokens(tokens: torch.Tensor, vocab_size: int, name: str = "tokens") ->
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         raise ValueError(f"{name} must lie in [0, {vocab_size}) (the vocabulary size); got min {int(tokens.min())}, "
                          f"max {int(tokens.max())}. Is the tokenizer the one this generator was trained with?")
-
-
-def check_sampling_args(cfg_scale: float | None = None, temperature: float | None = None,
-                        top_k: int | None = None, top_p: float | None = None) -> None:
-    """Shared validation of the usual sampling knobs."""
-    if cfg_scale is not None and (not math.isfinite(cfg_scale) or cfg_scale < 0):
-        raise ValueError(f"cfg_scale must be >= 0 (1 disables guidance), got {cfg_scale}")
-    if temperature is not None and (not math.isfinite(temperature) or temperature <= 0):
-        raise ValueError(f"temperature must be > 0, got {temperature}; use top_k=1 for greedy decoding")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
 
 
 def check_device(device: "str | torch.device", flag: str = "device") -> torch.device:

@@ -136,10 +136,6 @@ class GridPartition(EntityLayout):
         """Integer ``(row, col)`` of every sequence position (int64 ``[H*W]`` each)."""
         return self.order // self.width, self.order % self.width
 
-    def permute_rows(self, table: torch.Tensor) -> torch.Tensor:
-        """Reorder a per-position table ``[H*W, ...]`` given in raster order into sequence order."""
-        return table[self.order.to(table.device)]
-
 
 class CellPartition(GridPartition):
     """``k x k`` cells of neighbouring tokens, cells in raster order, tokens row-major inside a cell.
