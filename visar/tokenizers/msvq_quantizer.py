@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visar.utils.dist import all_reduce_, broadcast_
+
 
 def phi_index_table(num_scales: int, num_phi: int = 4) -> list[int]:
     """Residual-conv index of every scale, reproducing the official float64 ties.
@@ -74,9 +76,16 @@ class MultiScaleResidualQuantizer(nn.Module):
         restart_unused: training only: a code unused for this many consecutive training passes is
             re-initialised to a random residual vector of the current batch (0 = off, as in VAR; never
             while the codebook is frozen, ``requires_grad=False``).
-            Under ``torch.distributed`` the usage is all-reduced and rank 0's codebook broadcast,
-            so replicas stay identical.
+            Under an initialised ``torch.distributed`` group of several processes the usage is
+            all-reduced (a code counts as used when any process used it) and rank 0's codebook is
+            broadcast after a restart, so the replicas stay identical. The ages live in the
+            non-persistent buffer ``code_age`` (official files have no such entry), listed in
+            :attr:`training_state_buffers` so that training checkpoints save and restore it.
     """
+
+    #: non-persistent buffers that training updates and a resumed run needs (saved by the trainer's
+    #: checkpoints, not by ``state_dict``: see :func:`visar.train.checkpoint.training_buffers`)
+    training_state_buffers = ("code_age",)
 
     def __init__(self, vocab_size: int, dim: int, scales: Sequence[int], num_phi: int = 4,
                  phi_ratio: float = 0.5, beta: float = 0.25, restart_unused: int = 0):
@@ -91,7 +100,8 @@ class MultiScaleResidualQuantizer(nn.Module):
         if restart_unused < 0:
             raise ValueError(f"restart_unused must be >= 0 (0 disables dead-code restarts), got {restart_unused}")
         self.restart_unused = restart_unused
-        # passes since each code was last used (not saved: official files have no such buffer)
+        # passes since each code was last used (not in state_dict: official files have no such buffer;
+        # training checkpoints carry it through training_state_buffers)
         self.register_buffer("code_age", torch.zeros(vocab_size, dtype=torch.long), persistent=False)
 
     @property
@@ -240,22 +250,21 @@ class MultiScaleResidualQuantizer(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self, ids: Sequence[torch.Tensor], candidates: torch.Tensor) -> int:
         """Age the codes, re-initialise those unused for ``restart_unused`` passes to random rows of
-        ``candidates [N, Cvae]``; returns how many were restarted."""
-        import torch.distributed as dist
+        ``candidates [N, Cvae]``; returns how many were restarted.
 
+        With several processes (see ``restart_unused``) this is a collective: the usage is
+        all-reduced, and after a restart (the same codes die on every rank, since the ages agree)
+        rank 0's codebook, built from its own candidates and random stream, is broadcast."""
         used = torch.zeros(self.vocab_size, dtype=torch.long, device=candidates.device)
         for i in ids:
             used[i.reshape(-1)] = 1
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
-            dist.all_reduce(used, op=dist.ReduceOp.MAX)  # every rank sees the same ages
+        all_reduce_(used, "max")  # every rank sees the same ages (no-op in a single process)
         self.code_age.add_(1).masked_fill_(used.bool(), 0)
         dead = (self.code_age >= self.restart_unused).nonzero().flatten()
         if dead.numel() == 0:
             return 0
         pick = torch.randint(0, candidates.shape[0], (dead.numel(),), device=candidates.device)
         self.embedding.weight[dead] = candidates[pick].to(self.embedding.weight.dtype)
-        if distributed:
-            dist.broadcast(self.embedding.weight.data, src=0)
+        broadcast_(self.embedding.weight.data, src=0)
         self.code_age[dead] = 0
         return int(dead.numel())

@@ -25,6 +25,7 @@ from torch import nn
 from visar.nn.autoencoder import build_decoder, build_encoder
 from visar.tokenizers.base import Tokenizer
 from visar.utils.config import register_config
+from visar.utils.dist import all_gather_cat, all_reduce_, is_distributed
 from visar.utils.validation import check_tokens
 from visar.registry import Preset, register
 
@@ -202,7 +203,10 @@ class VQTokenizer(Tokenizer):
         holds ``latents`` ``[N, D]``: the batch's normalised encoder outputs (detached), the
         candidates for :meth:`restart_dead_codes`.
 
-        In training mode the per-code unused-step counters advance by one step.
+        In training mode the per-code unused-step counters advance by one step. Under an initialised
+        ``torch.distributed`` group of several processes (data parallelism) a code counts as used when
+        any process selected it: the counts are all-reduced (a collective: every process must run
+        its training pass), so all replicas hold the same counters.
         """
         h = self.encode_latents(images)
         z_n, zq, ids, codes = self.quantize(h)
@@ -212,8 +216,9 @@ class VQTokenizer(Tokenizer):
         commit_loss = self.commit_beta * F.mse_loss(z_n, codes.detach())
         with torch.no_grad():
             counts = torch.bincount(ids.flatten(), minlength=self.vocab_size)
-            if self.training:
-                self.quantize.steps_unused.add_(1).masked_fill_(counts > 0, 0)
+            if self.training:  # usage of the global batch: every process ages (and restarts) the same codes
+                used = all_reduce_(counts.clone(), "sum") if is_distributed() else counts
+                self.quantize.steps_unused.add_(1).masked_fill_(used > 0, 0)
             p = counts.float() / counts.sum()
             perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
             usage = (counts > 0).float().mean()
@@ -232,15 +237,15 @@ class VQTokenizer(Tokenizer):
     @torch.no_grad()
     def after_optimizer_step(self, step: int, gather=None) -> dict[str, float]:
         """Trainer hook: every :meth:`restart_interval` steps, restart dead codes from the encoder
-        outputs of the step's last micro-batch (gathered over processes with ``gather`` so every
-        process writes the same rows; the pick is seeded by ``step``, so resumed runs stay exact).
+        outputs of the step's last micro-batch (gathered over processes with ``gather``, by default
+        :func:`visar.utils.dist.all_gather_cat`, so every process writes the same rows into the same
+        dead codes; the pick is seeded by ``step``, so resumed runs stay exact).
         Returns ``{"restarted": n}`` on check steps, else ``{}``. A frozen codebook (decoder-only
         fine-tuning, ``requires_grad=False``) is never restarted: the tokens must not change."""
         cands = getattr(self, "_restart_candidates", None)
         if cands is None or step % self.restart_interval() or not self.quantize.embedding.weight.requires_grad:
             return {}
-        if gather is not None:
-            cands = gather(cands.contiguous())
+        cands = gather(cands.contiguous()) if gather is not None else all_gather_cat(cands)
         n = self.restart_dead_codes(cands, generator=torch.Generator().manual_seed(int(step)))
         return {"restarted": float(n)}
 
