@@ -37,6 +37,7 @@ def test_pipeline_defaults_apply_and_user_options_win(tmp_path):
         zoo.load("no-such-model")
 
 
+@pytest.mark.fixtures
 def test_convert_official_llamagen_files_to_a_pipeline(tmp_path, fixtures):
     d = fixtures("llamagen")
     out = tmp_path / "pipe"

@@ -27,6 +27,7 @@ def vae_io(tiny_vae):
     return load_file(tiny_vae[1] / "vae_tiny_io.safetensors")
 
 
+@pytest.mark.fixtures
 def test_posterior_matches_official(tiny_vae, vae_io):
     tok, _ = tiny_vae
     with torch.no_grad():
@@ -38,6 +39,7 @@ def test_posterior_matches_official(tiny_vae, vae_io):
     assert tok.downsample == 4 and tok.latent_channels == 16 and tok.scale_factor == SCALE
 
 
+@pytest.mark.fixtures
 def test_decode_matches_official(tiny_vae, vae_io):
     tok, _ = tiny_vae
     with torch.no_grad():
@@ -47,6 +49,7 @@ def test_decode_matches_official(tiny_vae, vae_io):
     torch.testing.assert_close(b, vae_io["decoded_from_latent_in"], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.fixtures
 def test_sampled_encoding_is_seeded(tiny_vae, vae_io):
     tok, _ = tiny_vae
     x = vae_io["image"][:1]
@@ -59,6 +62,7 @@ def test_sampled_encoding_is_seeded(tiny_vae, vae_io):
     assert 0.5 < noise.std() < 1.5 and not torch.allclose(a, mean * SCALE)
 
 
+@pytest.mark.fixtures
 def test_strict_loading_catches_missing_encoder_attention(tiny_vae, tmp_path):
     """Drop what diffusers' single-file converter drops: the encoder's down-block attention."""
     from visar.convert.mar import load_tokenizer
@@ -71,6 +75,7 @@ def test_strict_loading_catches_missing_encoder_attention(tiny_vae, tmp_path):
         load_tokenizer(tmp_path / "no_attn.ckpt", sample_size=64)
 
 
+@pytest.mark.fixtures
 def test_diffusers_single_file_converter_pitfall_is_caught(tiny_vae):
     """diffusers' own LDM converter leaves the encoder's down-block attention unmapped: strict loading
     reports it, while visar's mapping covers every key."""
@@ -88,6 +93,7 @@ def test_diffusers_single_file_converter_pitfall_is_caught(tiny_vae):
     load_state_strict(tok.vae, ldm_to_visar(state), source="visar-converted")
 
 
+@pytest.mark.fixtures
 def test_renamed_attention_is_unexpected(tiny_vae, tmp_path):
     """A file whose attention keys cannot be mapped fails strict loading instead of staying random."""
     from visar.convert.mar import load_tokenizer
@@ -99,6 +105,7 @@ def test_renamed_attention_is_unexpected(tiny_vae, tmp_path):
         load_tokenizer(tmp_path / "renamed.ckpt", sample_size=64)
 
 
+@pytest.mark.fixtures
 def test_diffusers_folder_roundtrip(tiny_vae, vae_io, tmp_path):
     from visar.convert.mar import load_tokenizer
 
@@ -113,6 +120,7 @@ def test_diffusers_folder_roundtrip(tiny_vae, vae_io, tmp_path):
         load_tokenizer(tmp_path / "empty")
 
 
+@pytest.mark.fixtures
 def test_visar_save_load(tiny_vae, vae_io, tmp_path):
     from visar.tokenizers.kl import KLTokenizer
 
@@ -125,6 +133,7 @@ def test_visar_save_load(tiny_vae, vae_io, tmp_path):
         torch.testing.assert_close(again.decode(vae_io["latent_in"]), tok.decode(vae_io["latent_in"]), rtol=0, atol=0)
 
 
+@pytest.mark.fixtures
 def test_bad_inputs(tiny_vae):
     tok, _ = tiny_vae
     with pytest.raises(ValueError, match="latents must have shape"):

@@ -50,6 +50,7 @@ def _kv_logits(model, cond, tokens, cfg_scale):
     return torch.stack(out, 1)
 
 
+@pytest.mark.fixtures
 @torch.no_grad()
 def test_c2i_teacher_forced_logits_and_hidden(c2i):
     model, ref, _ = c2i
@@ -60,6 +61,7 @@ def test_c2i_teacher_forced_logits_and_hidden(c2i):
         torch.testing.assert_close(h, ref[f"tf.hidden.{name}"], **TOL)
 
 
+@pytest.mark.fixtures
 @torch.no_grad()
 def test_c2i_cfg_mix(c2i):
     from visar.samplers.logits import cfg_mix
@@ -73,6 +75,7 @@ def test_c2i_cfg_mix(c2i):
     torch.testing.assert_close(cfg_mix(lc, lu, float(ref["cfg.scale"])), ref["cfg.logits_mixed"], **TOL)
 
 
+@pytest.mark.fixtures
 @torch.no_grad()
 def test_c2i_kv_cache_logits(c2i):
     model, ref, _ = c2i
@@ -84,6 +87,7 @@ def test_c2i_kv_cache_logits(c2i):
     torch.testing.assert_close(kv, tf, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.fixtures
 def test_rope_tables(c2i, t2i):
     for model, ref, _ in (c2i, t2i):
         table = ref["rope.freqs_cis"]  # [C + L, D/4... pairs, (cos, sin)]
@@ -102,6 +106,7 @@ def _run_samples(model, cond, ref, meta):
         assert torch.equal(tokens.flatten(1), expected), run["name"]
 
 
+@pytest.mark.fixtures
 def test_c2i_samples_exact(c2i):
     model, ref, meta = c2i
     _run_samples(model, Condition(labels=ref["sample.labels"]), ref, meta)
@@ -141,6 +146,7 @@ def test_t2i_short_caption_is_left_padded(t2i):
     torch.testing.assert_close(model(ref["tokens"][:1], short), model(ref["tokens"][:1], full), atol=0, rtol=0)
 
 
+@pytest.mark.fixtures
 def test_pipeline_images_with_tiny_vq(c2i, fixtures):
     pytest.importorskip("visar.tokenizers.vq", reason="the VQ tokenizer is not available yet")
     from visar.convert.llamagen import load_tokenizer

@@ -85,6 +85,7 @@ _LLAMAGEN_DROPOUT = [(r"^tok_dropout$", "trunk.drop"),
                      (r"^layers\.(\d+)\.feed_forward\.ffn_dropout$", r"trunk.blocks.\1.mlp.drop")]
 
 
+@pytest.mark.fixtures
 @pytest.mark.parametrize("variant", ["nodrop", "dropout"])
 def test_llamagen_loss_and_gradients(fixtures, variant):
     from visar.convert.common import rename_keys
@@ -109,6 +110,7 @@ def test_llamagen_loss_and_gradients(fixtures, variant):
 
 
 # ---------------------------------------------------------------------------------------------- VAR
+@pytest.mark.fixtures
 @pytest.mark.parametrize("case", ["p4", "p10", "p4saln"])
 def test_var_trainer_step_loss_and_gradients(fixtures, case):
     from visar.convert.common import rename_keys
@@ -149,6 +151,7 @@ def _mar(d):
                           decoder_num_heads=2, attn_dropout=0.0, proj_dropout=0.0).train()
 
 
+@pytest.mark.fixtures
 def test_mar_posterior_sample_with_recorded_noise(fixtures):
     """The latent MAR trains on: ``(mean + std * posterior_noise) * 0.2325`` of the tiny KL-VAE."""
     from visar.convert.mar import load_tokenizer
@@ -165,6 +168,7 @@ def test_mar_posterior_sample_with_recorded_noise(fixtures):
                        ref["x"])
 
 
+@pytest.mark.fixtures
 def test_mar_loss_and_gradients(fixtures):
     d, ref, meta = _fixture(fixtures, "mar")
     model = _mar(d)
@@ -182,6 +186,7 @@ def test_mar_loss_and_gradients(fixtures):
     _check_grads(model, ref, {n: "head." + n[len("diffloss."):] if n.startswith("diffloss.") else n for n in names})
 
 
+@pytest.mark.fixtures
 def test_mar_head_rows_including_t0(fixtures):
     """Per-row head loss (MSE + VLB, the discretised decoder NLL at ``t = 0``) on the fixture's edge rows."""
     d, ref, _ = _fixture(fixtures, "mar")
@@ -195,6 +200,7 @@ def test_mar_head_rows_including_t0(fixtures):
 
 
 # ---------------------------------------------------------------------------------------------- FlowAR
+@pytest.mark.fixtures
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_flowar_loss_and_gradients(fixtures, variant):
     from visar.convert.flowar import convert_state_dict, load_generator

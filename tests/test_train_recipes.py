@@ -89,8 +89,11 @@ def _from_official_file(family: str, d, case: str):
     return model, {n: by_id[id(t)] for n, t in ours.items() if n in params}
 
 
-@pytest.mark.parametrize("family,case", [("llamagen", ""), ("var", "p4"), ("var", "p4saln"), ("mar", ""),
-                                         ("flowar", "v1"), ("flowar", "v2"), ("xar", "")])
+@pytest.mark.parametrize("family,case", [pytest.param("llamagen", "", marks=pytest.mark.fixtures),
+                                         pytest.param("var", "p4", marks=pytest.mark.fixtures),
+                                         pytest.param("var", "p4saln", marks=pytest.mark.fixtures), ("mar", ""),
+                                         ("flowar", "v1"), pytest.param("flowar", "v2", marks=pytest.mark.fixtures),
+                                         ("xar", "")])
 def test_official_groups_on_official_checkpoints(fixtures, family, case):
     model, names = _from_official_file(family, fixtures(family), case)
     _check_groups(model, family, names)

@@ -19,6 +19,7 @@ RUNS = {
     "randlabel": dict(seed=5, official_cfg=2.0, top_k=0, top_p=1.0),
 }
 _CACHE: dict = {}
+pytestmark = pytest.mark.fixtures  # every test reads the tiny VAR VAE (8.9 MB), not in the shipped subset
 
 
 def _load(fixtures, name):

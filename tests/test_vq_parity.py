@@ -6,6 +6,7 @@ from visar.convert.common import CheckpointError
 from visar.convert.llamagen import load_tokenizer
 
 ATOL = 1e-4
+pytestmark = pytest.mark.fixtures  # the tiny VQ (5.6 MB) is not in the shipped subset
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@
     visar eval protocols [PATTERN]
 
 ``MODEL`` is a bundled name (``shapes-llamagen``) or a pipeline folder (``Pipeline.save_pretrained``).
-``--num-processes N`` (N > 1) relaunches the command under ``torchrun`` (CPU: gloo); a command
-already started by ``accelerate launch`` / ``torchrun`` shards over its processes.
+``--num-processes N`` (N > 1) relaunches the command under ``accelerate launch`` (CPU: gloo), as
+``visar train`` does; the workers die with the command (killing it leaves no orphan writing into the
+folder). A command already started by ``accelerate launch`` / ``torchrun`` shards over its processes.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from typing import Sequence
 
@@ -28,6 +28,8 @@ from visar.utils.cli import (HelpFormatter, Parser, add_quiet_flag, add_threads_
 
 log = logging.getLogger("visar.eval")
 _ARGV_ENV = "VISAR_EVAL_ARGV"
+#: this process's parent as seen at start-up (a worker ties its life to it)
+_PARENT = os.getppid()
 
 
 def _parse_value(text: str):
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype (float32 on CPU)")
     s.add_argument("--num-processes", type=positive_int, default=1,
-                   help="processes to shard over (relaunches with torchrun)")
+                   help="processes to shard over (relaunches with accelerate launch)")
     add_threads_flag(s)
     s.add_argument("--no-npz", action="store_true", help="do not pack samples.npz")
     add_quiet_flag(s)
@@ -143,17 +145,19 @@ def _emit(result: dict, path: str | None) -> None:
 
 
 def _relaunch(argv: Sequence[str], n: int) -> int:
-    """Run this command again under torchrun with ``n`` processes (gloo on CPU)."""
+    """Run this command again in ``n`` processes through ``accelerate launch`` (as ``visar train`` does; gloo
+    on CPU). The launcher dies with this process and the workers with the launcher
+    (:mod:`visar.utils.lifeline`): killing the command leaves no process writing into the folder."""
     import torch
 
-    # the arguments travel in the environment: torchrun's own parser would claim abbreviations like --num
-    env = dict(os.environ, **{_ARGV_ENV: json.dumps(list(argv))})
-    if not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "visar.eval.cli"]
+    from visar.train.launch import launcher_command
+    from visar.utils.lifeline import call_tied
+
+    # the arguments travel in the environment: the launcher's own parser would claim abbreviations like --num
+    cmd, env = launcher_command(["-m", "visar.eval.cli"], n, cuda=torch.cuda.is_available())
+    env[_ARGV_ENV] = json.dumps(list(argv))
     log.info("launching %d processes: %s", n, " ".join(cmd))
-    return subprocess.call(cmd, env=env)
+    return call_tied(cmd, env)
 
 
 def _cmd_sample(args, argv: Sequence[str]) -> int:
@@ -274,7 +278,13 @@ def _cmd_protocols(args, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``visar eval``; ``argv`` excludes ``visar eval`` itself."""
     if argv is None:
-        argv = json.loads(os.environ[_ARGV_ENV]) if _ARGV_ENV in os.environ and not sys.argv[1:] else sys.argv[1:]
+        if _ARGV_ENV in os.environ and not sys.argv[1:]:  # a worker started by _relaunch
+            from visar.utils.lifeline import die_with_parent
+
+            die_with_parent(parent=_PARENT)  # killed with the launcher: no orphan keeps writing images
+            argv = json.loads(os.environ[_ARGV_ENV])
+        else:
+            argv = sys.argv[1:]
     argv = list(argv)
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:

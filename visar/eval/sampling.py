@@ -14,7 +14,8 @@ The protocol, as code (after DiT's ``sample_ddp.py`` and the ADM evaluator):
   ``(seed, i)``. Both are pure functions of the index, so a larger ``num`` extends a set.
 * **Resume.** Files are written atomically; a re-run with the same settings skips chunks whose
   files all exist and regenerates the rest (same seeds, so no duplicates and no gaps). A folder made
-  with other settings is refused.
+  with other settings is refused, unless its run failed before writing any image (its record is then
+  replaced: a corrected command can reuse the folder).
 * **Outputs.** ``images/``, ``samples.npz`` (``arr_0``: ``uint8 [N, H, W, 3]``, ``arr_1``: labels;
   byte-reproducible) packed on rank 0, and ``samples.json`` (:class:`~visar.eval.sidecar.SampleRecord`).
 
@@ -309,13 +310,17 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
 
     # every process reads the same state before anyone writes, so all agree on errors and on the work
     previous = None
+    done = finished_indices(img_dir)
     if (out / SIDECAR_NAME).is_file():
         previous = load_sidecar(out)
         diff = previous.differences(record)
-        if diff:
+        if diff and (done or previous.status == "complete"):
             raise ValueError(f"{out} holds samples made with other settings ({'; '.join(diff)}); "
                              "use a new output folder (or delete this one) instead of mixing sample sets")
-    done = finished_indices(img_dir)
+        if diff:  # a run that failed before its first image: nothing to mix, its record is replaced
+            log.info("%s holds no image of its earlier run (%s): starting over with these settings",
+                     out, "; ".join(diff))
+            previous = None
     chunks = [(c, min(c + batch_size, num)) for c in chunk_starts(range(num), batch_size)]
     todo_any = any(i not in done for i in range(num))
     if done and previous is None:

@@ -51,7 +51,8 @@ class TimestepEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_sinusoid(t, self.freq_dim))
+        """``[N]`` timesteps -> ``[N, dim]`` in the MLP's dtype (the sinusoid is computed in float32)."""
+        return self.mlp(timestep_sinusoid(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 def quantize_timestep(t: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:

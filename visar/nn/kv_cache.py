@@ -26,8 +26,10 @@ class KVCache(nn.Module):
         return self.k.shape[1]
 
     def write(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k, v [B, n, H, D]`` at positions ``pos`` (an int start, or per-row ``[B, n]``)."""
+        """Store ``k, v [B, n, H, D]`` at positions ``pos`` (an int start, or per-row ``[B, n]``), cast to
+        the cache's dtype (under autocast the projections come out in the autocast dtype)."""
         n = k.shape[1]
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if isinstance(pos, int):
             if pos + n > self.max_len:
                 raise IndexError(f"KV cache overflow: writing {n} entries at {pos} into {self.max_len}")
@@ -42,6 +44,15 @@ class KVCache(nn.Module):
         """Keys and values ``[B, H, length, D]`` (views, no copy)."""
         k, v = (self.k, self.v) if length is None else (self.k[:, :length], self.v[:, :length])
         return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def cache_dtype(param_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a new cache should hold: autocast's dtype for ``device`` while autocast is on there (what
+    the attention projections produce, half the memory of float32), else ``param_dtype``."""
+    kind = torch.device(device).type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return param_dtype
 
 
 class CacheState(nn.Module):

@@ -4,13 +4,21 @@ Layout of ``<output_dir>/checkpoints/step_00000100/``::
 
     model.safetensors     raw (trained) weights
     ema.safetensors       EMA weights (what sampling and the export use)
-    trainer_state.pt      optimizer, grad scaler, per-rank RNG states; read with weights_only=True
+    trainer_state.pt      optimizer, grad scaler, per-rank RNG states, training buffers (below);
+                          read with weights_only=True
     meta.json             step, task, model class + config, the full training config (written last)
 
-A checkpoint is *complete* when ``meta.json`` exists in a folder named ``step_*``. The folder is first
+A checkpoint is *complete* when a folder named ``step_*`` holds all four files. The folder is first
 written as ``.tmp-step_*`` and renamed only when every file is on disk, then ``latest`` is updated,
 and only then are older checkpoints beyond ``keep`` removed: an interrupted write leaves the previous
-checkpoint intact and a stale ``.tmp-*`` folder that the next save removes.
+checkpoint intact and a stale ``.tmp-*`` folder that the next save removes. Resuming scans the folder
+for the complete checkpoint with the highest step (:func:`find_latest`), so a kill between the rename
+and the ``latest`` update loses nothing.
+
+*Training buffers* are non-persistent buffers (absent from ``state_dict`` and from exported weights,
+e.g. the multi-scale quantizer's code ages) that training updates and a bit-exact resume needs. A
+module lists their names in a ``training_state_buffers`` class attribute; :func:`training_buffers`
+collects them by dotted name and :func:`load_training_buffers` puts them back.
 """
 from __future__ import annotations
 
@@ -48,8 +56,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: the files of a checkpoint; ``meta.json`` is written last
+FILES = ("model.safetensors", "ema.safetensors", "trainer_state.pt", "meta.json")
+
+
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and path.name.startswith(PREFIX) and (path / "meta.json").is_file()
+    """Whether ``path`` is a finished checkpoint: a ``step_*`` folder holding every file of :data:`FILES`."""
+    path = Path(path)
+    return path.is_dir() and path.name.startswith(PREFIX) and all((path / f).is_file() for f in FILES)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -62,15 +76,30 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def find_latest(root: str | os.PathLike) -> Path | None:
-    """The checkpoint named by ``latest`` if complete, else the complete one with the highest step."""
+    """The newest complete checkpoint under ``root``: the complete ``step_*`` folder with the highest step
+    (found by scanning ``root``; ``None`` if there is none).
+
+    ``latest`` is only a pointer for people and tools, not trusted: a run killed after a checkpoint's
+    rename but before the pointer's update leaves ``latest`` naming the previous checkpoint, and resuming
+    from it would redo (and with a different number of processes, change) the steps in between. Steps
+    only grow within a run and pruning keeps the highest ones, so the highest step is the newest.
+    """
     root = Path(root)
+    ckpts = list_checkpoints(root)
+    if not ckpts:
+        return None
+    newest = ckpts[-1]
     pointer = root / "latest"
     if pointer.is_file():
-        cand = root / pointer.read_text().strip()
-        if is_complete(cand):
-            return cand
-    ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
+        try:
+            named = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            named = "?"
+        if named != newest.name:
+            log.warning("%s names %s, but %s is the newest complete checkpoint (the run stopped after writing it, "
+                        "before updating the pointer): using %s", pointer, named or "nothing", newest.name,
+                        newest.name)
+    return newest
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model_state: dict[str, torch.Tensor],
@@ -124,3 +153,42 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict, dict]:
     except Exception as e:
         raise ValueError(f"{path / 'trainer_state.pt'} is unreadable (truncated, or not written by visar): {e}") from e
     return meta, model_state, ema_state, trainer_state
+
+
+def _listed_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{dotted name: buffer}`` of the buffers every submodule lists in ``training_state_buffers``."""
+    out = {}
+    for prefix, mod in model.named_modules():
+        for name in getattr(mod, "training_state_buffers", ()):
+            buf = getattr(mod, name, None)
+            if not isinstance(buf, torch.Tensor):
+                raise TypeError(f"{type(mod).__name__}.training_state_buffers names {name!r}, which is not a buffer")
+            out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
+def training_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{dotted name: CPU copy}`` of the model's training buffers (see the module docstring)."""
+    return {k: v.detach().cpu().clone() for k, v in _listed_buffers(model).items()}
+
+
+def load_training_buffers(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, source: str = "") -> None:
+    """Copy ``state`` (from :func:`training_buffers`) into ``model``'s training buffers in place.
+
+    A buffer the model lists but ``state`` lacks (a checkpoint written before it was listed) keeps
+    its value, with a warning naming it; an entry the model does not list, or one of another shape,
+    raises ``ValueError``.
+    """
+    state, mine, where = dict(state or {}), _listed_buffers(model), source or "the checkpoint"
+    extra = sorted(set(state) - set(mine))
+    if extra:
+        raise ValueError(f"{where} holds training buffers this model does not have: {extra[:5]}")
+    missing = sorted(set(mine) - set(state))
+    if missing:
+        log.warning("%s has no saved %s: they keep their initial values, so the resumed run is not bit-exact",
+                    where, ", ".join(missing))
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(mine[k].shape):
+            raise ValueError(f"{where}: training buffer {k} has shape {tuple(v.shape)}, the model's has "
+                             f"{tuple(mine[k].shape)}")
+        mine[k].copy_(v)

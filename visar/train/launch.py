@@ -1,7 +1,9 @@
 """``visar train CONFIG.yaml [--num-processes N] [--accelerate-config FILE] [key=value ...]``.
 
-The config is read and checked here first (an unknown key, a wrong type or a missing dataset path
-fails before any process starts). Then:
+The config is read and checked here first, before any process starts: its keys, types and paths
+(:mod:`visar.train.config`), then the model, the tokenizer, the data's token grid, the batch split,
+the resume checkpoint and the output folders (:mod:`visar.train.preflight`, about a second, nothing
+allocated). A problem is one ``ERROR`` line and exit status 2. Then:
 
 * one process and no accelerate config: training runs in this process;
 * otherwise ``accelerate launch`` starts the workers. On a machine without CUDA it uses the recipe
@@ -20,11 +22,12 @@ import argparse
 import logging
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 log = logging.getLogger("visar.train")
+#: this process's parent as seen at start-up (a worker ties its life to it)
+_PARENT = os.getppid()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +51,16 @@ def _free_port() -> int:
 
 def accelerate_command(config: str, overrides: list[str], num_processes: int | None,
                        accelerate_config: str | None, port: int | None, cuda: bool) -> tuple[list[str], dict]:
-    """The ``accelerate launch`` command line and environment that run the workers."""
+    """The ``accelerate launch`` command line and environment that run the training workers."""
+    return launcher_command(["-m", "visar.train.launch", "--worker", config, *overrides], num_processes,
+                            accelerate_config, port, cuda)
+
+
+def launcher_command(target: list[str], num_processes: int | None, accelerate_config: str | None = None,
+                     port: int | None = None, cuda: bool = False) -> tuple[list[str], dict]:
+    """``accelerate launch [...] TARGET`` (``TARGET``: ``["-m", module, *args]`` or a script and its
+    arguments) and its environment: the recipe that really starts ``num_processes`` processes, gloo on a
+    machine without CUDA (``visar train`` and ``visar eval sample`` both launch through it)."""
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config:
@@ -62,45 +74,78 @@ def accelerate_command(config: str, overrides: list[str], num_processes: int | N
         cmd += (["--multi_gpu"] if n > 1 else []) + ["--num_processes", str(n), "--num_machines", "1",
                                                       "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += ["--main_process_port", str(port or _free_port())]
-    cmd += ["-m", "visar.train.launch", "--worker", config, *overrides]
-    return cmd, env
+    return cmd + list(target), env
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``visar train``: a user error (bad config, a model that does not fit its tokenizer,
+    a batch too large for memory) is one ``ERROR`` line and exit status 2."""
+    from visar.utils.cli import run_command
+
     args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    return run_command(_run, args, logger=log)
+
+
+def _run(args: argparse.Namespace) -> int:
     from visar.train.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
     if args.num_processes is not None and args.num_processes < 1:
-        log.error("--num-processes must be >= 1, got %d", args.num_processes)
-        return 2
+        raise ConfigError(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
-        log.error("--accelerate-config %s not found (create one with `accelerate config`)", args.accelerate_config)
-        return 2
+        raise ConfigError(f"--accelerate-config {args.accelerate_config} not found (create one with "
+                          "`accelerate config`)")
+    cfg = load_config(args.config, args.overrides)
     n = args.num_processes or 1
-    if args.worker or (n == 1 and not args.accelerate_config):
-        if args.worker:
-            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        from visar.train.trainer import train
+    if args.worker:  # the launcher checked the config before starting this process
+        from visar.utils.lifeline import die_with_parent
 
-        out = train(cfg)
-        if not args.worker:
-            log.info("export: %s", out)
+        die_with_parent(parent=_PARENT)  # no orphan keeps training when the launcher is killed
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        _train_here(cfg, n)
         return 0
-    if cfg.train.batch_size % (n * cfg.train.grad_accum):
-        log.error("train.batch_size=%d must be divisible by processes x grad_accum = %d x %d",
-                  cfg.train.batch_size, n, cfg.train.grad_accum)
-        return 2
+    from visar.train.preflight import preflight
+
+    preflight(cfg, n)
+    if n == 1 and not args.accelerate_config:
+        log.info("export: %s", _train_here(cfg, n))
+        return 0
     import torch
 
     cmd, env = accelerate_command(args.config, args.overrides, args.num_processes, args.accelerate_config,
                                   args.main_process_port, torch.cuda.is_available())
     log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if env.get("ACCELERATE_USE_CPU") else "", " ".join(cmd))
-    return subprocess.call(cmd, env=env)
+    from visar.utils.lifeline import call_tied
+
+    return call_tied(cmd, env)  # the launcher (and through it the workers) ends if this process is killed
+
+
+class BatchTooLarge(ValueError):
+    """Training ran out of memory: the configured batch does not fit (a user setting, not a bug)."""
+
+
+def _train_here(cfg, num_processes: int) -> Path:
+    """Run this process's part of training; out-of-memory becomes :class:`BatchTooLarge` with the hint."""
+    from visar.train.trainer import train
+
+    try:
+        return train(cfg)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        t = cfg.train
+        micro = t.batch_size // max(1, num_processes * t.grad_accum)
+        raise BatchTooLarge(
+            f"out of memory while training ({type(e).__name__}: {str(e).strip()[:160]}): each process computes "
+            f"{micro} rows at once (train.batch_size={t.batch_size} / ({num_processes} processes x "
+            f"train.grad_accum={t.grad_accum})); lower train.batch_size, or raise train.grad_accum to keep the "
+            "global batch with smaller micro-batches (train.mixed_precision=bf16 also helps on GPUs)") from e
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (torch's ``OutOfMemoryError``, a CPU allocator error, ``MemoryError``)."""
+    text = str(e)
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "out of memory" in text
+            or "can't allocate memory" in text or "DefaultCPUAllocator" in text)
 
 
 if __name__ == "__main__":

@@ -180,8 +180,9 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(p.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x = self.input_proj(x)  # [N, W]
-        y = self.time_embed(t) + self.cond_embed(c)  # [N, W]
+        dt = self.input_proj.weight.dtype  # the chain keeps x in float32; a bf16 network takes bf16 inputs
+        x = self.input_proj(x.to(dt))  # [N, W]
+        y = self.time_embed(t) + self.cond_embed(c.to(dt))  # [N, W]
         for blk in self.res_blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, y, use_reentrant=False)

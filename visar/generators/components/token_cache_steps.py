@@ -26,7 +26,7 @@ import torch
 
 from visar.conditions import Condition
 from visar.generators.protocol import StepState
-from visar.nn.kv_cache import CacheState
+from visar.nn.kv_cache import CacheState, cache_dtype
 
 
 @dataclass
@@ -95,7 +95,8 @@ class CachedTokenSteps:
                             f"{guided!r}; the guidance scale belongs to the sampler (cfg_scale=)")
         cond_tokens, cond_mask = self.step_condition(cond, guided)
         R = cond_tokens.shape[0]
-        cache = self.trunk.new_cache(R, dtype=cond_tokens.dtype, device=cond_tokens.device)
+        cache = self.trunk.new_cache(R, dtype=cache_dtype(cond_tokens.dtype, cond_tokens.device),
+                                     device=cond_tokens.device)
         mask_table = self.trunk.attention_mask(cond_mask)
         state = NextTokenState(batch=cond.batch_size, guided=guided, cache=cache, mask_table=mask_table,
                                cond_len=self.trunk.cond_len)
