@@ -20,7 +20,7 @@ def test_shipped_configs_parse(tmp_path):
         text = open(name).read()
         over = [f"tokenizer.path={tmp_path}"] if "tokenizer:" in text else []
         over += [f"model.init_from={tmp_path / 'init.safetensors'}"] if "init_from:" in text else []
-        over += [f"data.path={tmp_path}"] if "kind: token_cache" in text else []  # a cache made by visar tokenize
+        over += [f"data.path={tmp_path}"] if ("kind: token_cache" in text or "kind: distill_shards" in text) else []  # a cache made by visar tokenize
         cfg = load_config(name, over)
         assert isinstance(cfg, TrainConfig) and cfg.train.steps > 0, name
 

@@ -32,7 +32,7 @@ def task_names() -> list[str]:
     return names("task")
 
 
-DATA_KINDS = ("shapes", "folder", "token_cache")
+DATA_KINDS = ("shapes", "folder", "token_cache", "distill_shards")
 
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -66,8 +66,9 @@ class DataConfig:
     """Training data.
 
     ``kind``: ``shapes`` (procedural, :mod:`visar.data.shapes`), ``folder`` (an ImageFolder tree at
-    ``path``, ADM centre crop to ``size``) or ``token_cache`` (shards written by
-    :mod:`visar.data.token_cache` at ``path``; generator task only).
+    ``path``, ADM centre crop to ``size``), ``token_cache`` (shards written by
+    :mod:`visar.data.token_cache` at ``path``; generator task only) or ``distill_shards`` (teacher pairs
+    written by ``visar distill-data`` at ``path``, :mod:`visar.data.distill_shards`; distill task only).
 
     ``cache`` (shapes only): a ``.npy`` file that memoises the rendered images as 8-bit RGB (written
     once, atomically, by a pool of processes; later runs memory-map it). Speed only: rendering costs
@@ -293,15 +294,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"[decoder, post_quant_conv], got {cfg.model.trainable!r}")
     if d.kind not in DATA_KINDS:
         raise ConfigError(f"config key data.kind must be one of {', '.join(DATA_KINDS)}, got {d.kind!r}")
-    if d.kind in ("folder", "token_cache"):
+    if d.kind in ("folder", "token_cache", "distill_shards"):
         if not d.path:
             raise ConfigError(f"config key data.path is required for data.kind={d.kind}")
         if not Path(d.path).exists():
-            raise ConfigError(f"dataset path data.path={d.path} does not exist"
-                              + (" (write it with visar.data.token_cache.build_token_cache)"
-                                 if d.kind == "token_cache" else ""))
+            hint = {"token_cache": " (write it with visar.data.token_cache.build_token_cache)",
+                    "distill_shards": " (write it with `visar distill-data --teacher PIPELINE_DIR --num N --out DIR`)"}
+            raise ConfigError(f"dataset path data.path={d.path} does not exist" + hint.get(d.kind, ""))
     if d.kind == "token_cache" and cfg.task != "generator":
         raise ConfigError("data.kind=token_cache holds tokens: it only feeds task=generator")
+    if (d.kind == "distill_shards") != (cfg.task == "distill"):
+        raise ConfigError("task=distill trains on teacher pairs, data.kind=distill_shards (made by `visar "
+                          f"distill-data`), and those pairs feed only task=distill; got task={cfg.task}, "
+                          f"data.kind={d.kind}")
     if cfg.task == "generator":
         if not cfg.tokenizer.path:
             raise ConfigError("task=generator needs tokenizer.path: a folder with the frozen tokenizer "

@@ -4,9 +4,12 @@ The trainer wraps a task (not the bare model) with Accelerate/DDP, so the forwar
 is the loss computation whatever method the family exposes:
 
 * ``tokenizer``: ``model.training_loss(images) -> {"loss": ..., ...}``;
-* ``generator``: ``model.loss(tokens, Condition(labels)) -> scalar``; tokens come from the batch
-  (token cache) or from the frozen tokenizer's ``encode(images)``;
-* ``classifier``: ``model.training_loss(images, labels) -> {"loss": ..., ...}``.
+* ``generator``: ``model.loss(tokens, cond) -> scalar``; tokens come from the batch
+  (token cache) or from the frozen tokenizer's ``encode(images)``; ``cond`` holds the batch's caption
+  features when it has them (a token cache built with a text encoder), else its class labels;
+* ``classifier``: ``model.training_loss(images, labels) -> {"loss": ..., ...}``;
+* ``distill``: a Distilled Decoding student's ``model.training_loss(noise, tokens, Condition(labels))`` on the
+  teacher pairs of ``visar distill-data`` (``data.kind: distill_shards``).
 """
 from __future__ import annotations
 
@@ -78,8 +81,42 @@ class GeneratorTask(nn.Module):
                 raise ValueError("the batch has images but no tokenizer was given to encode them")
             with torch.no_grad():
                 tokens = self.frozen_tokenizer.encode(batch["image"])
-        cond = Condition(labels=batch["label"]) if "label" in batch else None
-        return _as_loss_dict(self.model.loss(tokens, cond), f"{type(self.model).__name__}.loss")
+        if getattr(self.model, "text_conditional", False) and "text" not in batch:
+            raise ValueError(f"{type(self.model).__name__} is text-conditional but the batches hold no caption "
+                             "features: train it on a token cache built with a text encoder (visar tokenize "
+                             "--text-encoder minilm ...; data.kind: token_cache)")
+        return _as_loss_dict(self.model.loss(tokens, batch_condition(batch)), f"{type(self.model).__name__}.loss")
+
+
+def batch_condition(batch: dict) -> Condition | None:
+    """A training batch's condition: caption features (``text [B, T, D]``, ``text_mask [B, T]``) when it has
+    them, else class ids (``label [B]``), else ``None``."""
+    if "text" in batch:
+        return Condition(text=batch["text"], text_mask=batch.get("text_mask"))
+    return Condition(labels=batch["label"]) if "label" in batch else None
+
+
+@register("task", "distill")
+class DistillTask(nn.Module):
+    """Distilled Decoding student (:mod:`visar.generators.next_token.distilled`) on teacher pairs: batches
+    ``{"noise": [B, L, C], "tokens": [B, L], "label": [B]}`` from :class:`visar.data.distill_shards.DistillShards`.
+    Each row's training state ``X_t`` is drawn uniformly from the student's ``timesteps`` (torch's global RNG,
+    which the trainer seeds per process)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not callable(getattr(model, "training_loss", None)) or not hasattr(model, "timesteps"):
+            raise TypeError(f"{type(model).__name__} cannot be trained with task=distill: it is not a distilled "
+                            "student (model.cls: visar.generators.next_token.distilled:student_from_teacher)")
+        self.model = model
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        missing = [k for k in ("noise", "tokens", "label") if k not in batch]
+        if missing:
+            raise ValueError(f"task=distill needs batches of teacher pairs (data.kind: distill_shards); this batch has "
+                             f"no {', '.join(missing)}")
+        out = self.model.training_loss(batch["noise"], batch["tokens"], Condition(labels=batch["label"]))
+        return _as_loss_dict(out, f"{type(self.model).__name__}.training_loss")
 
 
 def make_task(task: str, model: nn.Module, tokenizer: nn.Module | None = None) -> nn.Module:

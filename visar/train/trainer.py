@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from visar.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from visar.train.checkpoint import (find_latest, load_checkpoint, load_training_buffers, save_checkpoint,
+                                    training_buffers)
 from visar.train.config import DataConfig, TrainConfig
 from visar.train.optim import EMA, ema_rule, lr_at, param_groups
 from visar.train.tasks import make_task
@@ -120,6 +121,10 @@ def build_dataset(d: DataConfig) -> torch.utils.data.Dataset:
         from visar.data.token_cache import TokenCacheDataset
 
         return TokenCacheDataset(d.path, flip=d.flip)
+    if d.kind == "distill_shards":
+        from visar.data.distill_shards import DistillShards
+
+        return DistillShards(d.path)
     raise ValueError(f"unknown data.kind {d.kind!r}")
 
 
@@ -297,6 +302,7 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
         from visar.convert.common import load_state_strict
 
         load_state_strict(model, m_state, source=str(resume_path / "model.safetensors"))
+        load_training_buffers(model, tr_state.get("buffers"), source=str(resume_path / "trainer_state.pt"))
         ema.load_state_dict(e_state)
         if resume_decay_rule(cfg, meta, resume_path) != o.weight_decay_groups:
             o.weight_decay_groups = "legacy"  # also what later checkpoints of this run record
@@ -387,7 +393,9 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
     bar.close()
     accelerator.wait_for_everyone()
     if main:
-        export(cfg, unwrapped, ema, tokenizer, export_dir)
+        from visar.text import text_encoder_of  # a caption cache names its encoder: saved with the pipeline
+
+        export(cfg, unwrapped, ema, tokenizer, export_dir, text_encoder=text_encoder_of(dataset))
         if t.sample_every:
             write_samples(cfg, unwrapped, ema, tokenizer, dataset, out_dir / "samples" / "final.png")
     accelerator.wait_for_everyone()
@@ -407,12 +415,14 @@ def _out_of_time(accelerator, max_minutes: float, t0: float) -> bool:
 
 
 def _save(accelerator, cfg, root, step, model, ema, optimizer, identity) -> None:
-    """Gather every rank's RNG state to rank 0, which writes the checkpoint atomically."""
+    """Gather every rank's RNG state to rank 0, which writes the checkpoint atomically (with the
+    model's training buffers, see :func:`visar.train.checkpoint.training_buffers`)."""
     from accelerate.utils import gather_object
 
     rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    _check_replicas(accelerator, model, step)
     if accelerator.is_main_process:
-        state = {"optimizer": optimizer.state_dict(), "rng": rngs,
+        state = {"optimizer": optimizer.state_dict(), "rng": rngs, "buffers": training_buffers(model),
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
         meta = {**identity, "task": cfg.task, "num_processes": accelerator.num_processes, "config": cfg.to_dict()}
         path = save_checkpoint(root, step, model.state_dict(), ema.state_dict(), state, meta,
@@ -421,20 +431,43 @@ def _save(accelerator, cfg, root, step, model, ema, optimizer, identity) -> None
     accelerator.wait_for_everyone()
 
 
+def _check_replicas(accelerator, model: nn.Module, step: int) -> list[str]:
+    """Data parallelism (DDP) with several processes: the names of the parameters and buffers whose
+    copies differ between ranks (compared through bit checksums), logged as an error on rank 0.
+
+    Checkpoints hold rank 0's copy, so a divergent replica makes a resumed run differ from the
+    uninterrupted one. Sharded setups (FSDP, DeepSpeed), where ranks hold different shards, are skipped.
+    """
+    if accelerator.num_processes == 1 or not accelerator.distributed_type.name.startswith("MULTI_"):
+        return []
+    from visar.utils.dist import replica_mismatches
+
+    differ = replica_mismatches([*model.named_parameters(), *model.named_buffers()])
+    if differ and accelerator.is_main_process:
+        log.error("step %d: the %d processes hold different copies of %s; checkpoints save rank 0's, so a "
+                  "resumed run will not match this one. State updated from one rank's batch (usage counts, "
+                  "running statistics, restarts) must be reduced over processes (visar.utils.dist).",
+                  step, accelerator.num_processes, ", ".join(differ[:8]) + (" ..." if len(differ) > 8 else ""))
+    return differ
+
+
 def ema_copy(model: nn.Module, ema: EMA) -> nn.Module:
     m = copy.deepcopy(model)
     ema.copy_to(m)
     return m.eval()
 
 
-def export(cfg: TrainConfig, model: nn.Module, ema: EMA, tokenizer: nn.Module | None, export_dir: Path) -> Path:
-    """Write the EMA model: a Pipeline folder (generator), or a ``save_pretrained`` folder named after the task."""
+def export(cfg: TrainConfig, model: nn.Module, ema: EMA, tokenizer: nn.Module | None, export_dir: Path,
+           text_encoder: nn.Module | None = None) -> Path:
+    """Write the EMA model: a Pipeline folder (generator, with ``text_encoder`` for text-to-image), or a
+    ``save_pretrained`` folder named after the task."""
     m = ema_copy(model, ema)
     if cfg.task == "generator":
         from visar.pipeline import Pipeline
 
         # the sampling options of the training-time grids become the pipeline's defaults
-        Pipeline(tokenizer, m, sampling_defaults=dict(cfg.sample.options)).save_pretrained(export_dir)
+        Pipeline(tokenizer, m, text_encoder=text_encoder,
+                 sampling_defaults=dict(cfg.sample.options)).save_pretrained(export_dir)
     elif hasattr(m, "save_pretrained"):
         m.save_pretrained(export_dir, cfg.task)
     else:
@@ -455,8 +488,13 @@ def write_samples(cfg: TrainConfig, model: nn.Module, ema: EMA, tokenizer, datas
         from visar.conditions import Condition
 
         labels = torch.tensor([c for c in s.labels for _ in range(s.per_label)], device=device)
+        cond = Condition(labels=labels)
+        if getattr(m, "text_conditional", False):  # the first captions of the cache
+            from visar.train.tasks import batch_condition
+
+            cond = batch_condition(_collate([dataset[i] for i in range(min(len(labels), len(dataset)))])).to(device)
         g = torch.Generator(device).manual_seed(s.seed)
-        tokens = m.sample(Condition(labels=labels), generator=g, **s.options)
+        tokens = m.sample(cond, generator=g, **s.options)
         images = tokenizer.decode(tokens).clamp(-1, 1)
         nrow = s.per_label
     elif cfg.task == "tokenizer":
