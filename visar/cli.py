@@ -1,4 +1,4 @@
-"""The ``visar`` command line: ``visar sample | convert | tokenize | train | eval | models``.
+"""The ``visar`` command line: ``visar sample | t2i | convert | tokenize | distill-data | train | eval | models``.
 
 Thin: every sub-command parses arguments and calls library functions. Heavy imports happen inside
 the handlers, so ``visar --help`` is fast. Errors in what the user gave (a bad flag value, a missing or
@@ -8,13 +8,14 @@ corrupt file, an option the sampler does not take) print one ``ERROR`` line and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import sys
 from pathlib import Path
 
 from visar.utils.cli import (DEFAULT_THREADS, HelpFormatter, Parser, add_quiet_flag, add_threads_flag,  # noqa: F401
-                             error_message, one_line, positive_int, run_command, set_threads)
+                             error_message, non_negative_int, one_line, positive_int, run_command, set_threads)
 
 log = logging.getLogger("visar")
 
@@ -53,6 +54,11 @@ def sampler_model_options(pipe, args: argparse.Namespace) -> dict:
         out["draft"] = Generator.from_pretrained(args.draft, "generator", map_location=pipe.device).eval()
     if args.k is not None:
         out["k"] = args.k
+    if args.student is not None:
+        if "student" not in pipe.sampler.defaults:
+            raise ValueError(f"--student is for the distilled sampler; the {pipe.sampler.name!r} sampler takes no "
+                             "student: add --sampler distilled")
+        out["student"] = args.student
     if "codebook" in pipe.sampler.defaults and "codebook" not in pipe.sampler.options:
         out["codebook"] = pipe.tokenizer
     return out
@@ -79,6 +85,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from visar.utils.images import save_grid, to_uint8
 
     pipe = zoo.load(args.model, device=args.device)
+    if pipe.text_conditional:
+        raise ValueError(f"{args.model} is a text-to-image model: draw from it with "
+                         f"visar t2i \"PROMPT\" --model {args.model}")
     num_classes = pipe.generator.num_classes
     ids = parse_class_ids(args.classes, num_classes)
     if args.num is None:
@@ -159,12 +168,18 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         raise ValueError("--data folder needs --path IMAGE_FOLDER (one sub-folder per class)")
     if args.data == "shapes" and args.path:
         raise ValueError("--path is for --data folder; shapes are rendered (use --cache for a memo file)")
+    if args.text_encoder and args.flip:
+        raise ValueError("--flip cannot be combined with --text-encoder: a caption naming a side would describe the "
+                         "mirror image wrongly")
+    if args.text_max_length is not None and not args.text_encoder:
+        raise ValueError("--text-max-length goes with --text-encoder")
     check_device(args.device, "--device")
     out = check_writable_dir(args.out, "--out")
     existed = out.exists()
     set_threads(args.threads)
     try:
-        return _tokenize(args)
+        with warnings_as_log():  # e.g. captions truncated by the text encoder
+            return _tokenize(args)
     except BaseException:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an early error leaves no empty output folder behind
@@ -178,12 +193,189 @@ def _tokenize(args: argparse.Namespace) -> int:
     from visar.train.trainer import build_dataset
 
     tokenizer = Tokenizer.from_pretrained(args.tokenizer, args.name).to(args.device).eval()
+    text_encoder = None
+    if args.text_encoder:  # before the images: a missing extra or T5 folder fails at once
+        from visar.text import text_encoder as make_text_encoder
+
+        kwargs = {} if args.text_max_length is None else {"max_length": args.text_max_length}
+        text_encoder = make_text_encoder(args.text_encoder, **kwargs)
     # the trainer's own builder; mirror images are added by build_token_cache (flip), not by the dataset
     dataset = build_dataset(DataConfig(kind=args.data, size=args.size, length=args.length, split=args.split,
                                        seed=args.seed, path=args.path, flip=False, cache=args.cache or ""))
+    if args.exclude_caption:
+        from visar.data.token_cache import CaptionSubset
+
+        dataset = CaptionSubset(dataset, args.exclude_caption)
+        log.info("left out %d items whose caption names %s", dataset.num_excluded, args.exclude_caption)
     out = build_token_cache(tokenizer, dataset, args.out, batch_size=args.batch_size, flip=args.flip,
-                            device=args.device, progress=not args.quiet)
-    print(f"token cache of {len(dataset)} images{' (+ mirror images)' if args.flip else ''}: {out}")
+                            device=args.device, progress=not args.quiet, text_encoder=text_encoder)
+    what = f" and the features of their captions ({text_encoder.kind})" if text_encoder is not None else ""
+    print(f"token cache of {len(dataset)} images{' (+ mirror images)' if args.flip else ''}{what}: {out}")
+    return 0
+
+
+def cmd_distill_data(args: argparse.Namespace) -> int:
+    """(noise, teacher tokens) pairs for Distilled Decoding (``task: distill``), made with the teacher flow map."""
+    from visar.utils.io import check_writable_dir
+
+    check_writable_dir(args.out, "--out")
+    from visar.train.distill_data import launch
+
+    options = dict(args.option)
+    for name in ("cfg_scale", "temperature", "top_k", "top_p", "num_flow_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    manifest = launch(num_processes=args.num_processes, threads=args.threads, teacher=args.teacher,
+                      out_dir=args.out, num=args.num, seed=args.seed, shard_size=args.shard_size,
+                      batch_size=args.batch_size, labels=args.labels, progress=not args.quiet, **options)
+    print(f"{manifest['settings']['num']} teacher pairs in {manifest['num_shards']} shards: {args.out}")
+    return 0
+
+
+#: the bundled text-to-image model (``visar/assets/<name>``), used when ``visar t2i`` gets no ``--model``
+T2I_MODEL = "shapes-llamagen-t2i"
+T2I_SEED_RULE = ("t2i v1: the image of prompt line i (0-based) is row i - s of the chunk s = (i // batch_size) * "
+                 "batch_size, drawn by one Pipeline.generate(prompts of lines s .. s + batch_size - 1, blank or "
+                 "missing lines as \"\", seed=int.from_bytes(sha256(f'visar-sample:{seed}:{s}')[:8], 'little') >> 1) "
+                 "call; with batch_size 1, image_seed alone reproduces the image")
+#: record fields that do not decide the image (a resume ignores them; the weights' hashes identify the model)
+_T2I_NOT_IDENTITY = ("visar", "model")
+
+
+@contextlib.contextmanager
+def warnings_as_log():
+    """Inside: Python warnings (e.g. a text encoder truncating a prompt) are ``WARNING`` log lines."""
+    import warnings
+
+    old = warnings.showwarning
+    warnings.showwarning = lambda message, *args, **kwargs: log.warning("%s", message)
+    try:
+        yield
+    finally:
+        warnings.showwarning = old
+
+
+def load_t2i_pipeline(model: str | None, device: str):
+    """The text-to-image pipeline ``--model`` names (default: the bundled one, when visar ships it)."""
+    from visar import zoo
+
+    name = model or T2I_MODEL
+    if name not in zoo.BUNDLED and name == T2I_MODEL:
+        folder = zoo.ASSETS / T2I_MODEL
+        if not (folder / "pipeline.json").is_file():
+            raise FileNotFoundError(f"no text-to-image model is bundled with this visar yet ({T2I_MODEL}): give "
+                                    "--model PIPELINE_DIR, a text-to-image pipeline folder such as the export of "
+                                    "`visar train configs/shapes_t2i.yaml` (docs/text_to_image.md)")
+        name = str(folder)
+    pipe = zoo.load(name, device=device)
+    if not pipe.text_conditional:
+        raise ValueError(f"{model} is a class-conditional model ({pipe.generator.num_classes} classes); visar t2i "
+                         "needs a text-to-image pipeline (use `visar sample --classes ...` for this one)")
+    if pipe.text_encoder is None:
+        raise ValueError(f"{model} has a text-conditional generator but no text encoder saved with it; save the "
+                         "pipeline with Pipeline(tokenizer, generator, text_encoder=...)")
+    return pipe
+
+
+def read_prompt_lines(path: str) -> list[tuple[int, str]]:
+    """``(line index from 0, prompt)`` of every non-blank line of a UTF-8 file (surrounding spaces stripped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--prompts {p} not found: give a text file with one prompt per line")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {p} is not UTF-8 text ({e}); save it as UTF-8") from e
+    entries = [(i, line.strip()) for i, line in enumerate(lines) if line.strip()]
+    if not entries:
+        raise ValueError(f"--prompts {p} holds no prompt (one per line; blank lines are skipped)")
+    return entries
+
+
+def cmd_t2i(args: argparse.Namespace) -> int:
+    """Images from prompts: one PNG and one JSON record (prompt, seeds, options) per prompt; resumable."""
+    import json
+
+    from visar.utils.io import atomic_write_bytes, check_writable_dir
+    from visar.utils.validation import check_device
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("give one prompt (visar t2i \"a red circle\") or --prompts FILE (one prompt per line), not "
+                         "both")
+    out = Path(args.out or ("t2i.png" if args.prompts is None else "t2i"))
+    single = args.prompts is None and out.suffix.lower() == ".png"
+    if args.prompts is not None and out.suffix.lower() == ".png":
+        raise ValueError("--out is a folder with --prompts (one PNG per line is written into it)")
+    entries = [(0, args.prompt)] if args.prompts is None else read_prompt_lines(args.prompts)
+    check_device(args.device, "--device")
+    check_writable_dir(out.parent if single else out, "--out")
+    set_threads(args.threads)
+
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from visar import __version__
+    from visar.eval.io import write_png
+    from visar.eval.sampling import chunk_seed, chunk_starts, effective_options, weights_state_sha256
+    from visar.utils.images import to_uint8
+
+    pipe = load_t2i_pipeline(args.model, args.device)
+    options = dict(args.option)
+    for name in ("cfg_scale", "temperature", "top_k", "top_p"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    used = effective_options(pipe, options)  # validated before anything is drawn or written
+    width = max(5, len(str(entries[-1][0] + 1)))
+
+    def paths(line: int) -> tuple[Path, Path]:
+        png = out if single else out / f"{line + 1:0{width}d}.png"
+        return png, png.with_suffix(".json")
+
+    B = args.batch_size
+    common = {"format": "visar-t2i", "version": 1, "seed": args.seed, "batch_size": B, "seed_rule": T2I_SEED_RULE,
+              "options": used, "sampler": pipe.sampler.name, "model": args.model or T2I_MODEL,
+              "weights_sha256": weights_state_sha256(pipe), "text_encoder": pipe.text_encoder.describe(),
+              "text_encoder_sha256": pipe.text_encoder.fingerprint(), "visar": __version__}
+
+    def record(line: int, prompt: str) -> dict:
+        s = (line // B) * B
+        return {**common, "prompt": prompt, "line": line + 1, "row": line - s, "image_seed": chunk_seed(args.seed, s)}
+
+    def identity(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k not in _T2I_NOT_IDENTITY}
+
+    pending = []
+    for line, prompt in entries:
+        png, rec = paths(line)
+        if rec.is_file():
+            try:
+                old = json.loads(rec.read_text(encoding="utf-8"))
+            except ValueError:
+                old = None
+            if not isinstance(old, dict) or identity(old) != identity(record(line, prompt)):
+                raise ValueError(f"{rec} records an image made with other settings (prompt, seed, options, batch size "
+                                 "or model); use another --out or delete the old images")
+            if png.is_file():
+                continue
+        pending.append(line)
+    prompts, todo = dict(entries), set(pending)
+    if not single:
+        out.mkdir(parents=True, exist_ok=True)
+    # a truncated prompt or an unknown character: one WARNING line each
+    with warnings_as_log(), logging_redirect_tqdm(), tqdm(total=len(entries), initial=len(entries) - len(pending),
+                                                          desc="t2i", unit="img", disable=args.quiet) as bar:
+        for s in chunk_starts(pending, B):
+            rows = [prompts.get(j, "") for j in range(s, s + B)]
+            images = to_uint8(pipe.generate(prompts=rows, seed=chunk_seed(args.seed, s), **options))
+            for j in range(s, s + B):
+                if j in todo:
+                    png, rec = paths(j)
+                    write_png(png, images[j - s].numpy())
+                    atomic_write_bytes(rec, json.dumps(record(j, prompts[j]), indent=1, ensure_ascii=False).encode())
+                    bar.update(1)
+    log.info("%d image(s) written, %d already there", len(pending), len(entries) - len(pending))
+    print(out)
     return 0
 
 
@@ -282,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft", default=None, metavar="PATH",
                    help="speculative samplers: folder of the draft generator (generator.json + .safetensors, e.g. a "
                         "pipeline folder); default: none")
+    s.add_argument("--student", default=None, metavar="PATH",
+                   help="distilled sampler: folder of the distilled student (default: none)")
     s.add_argument("--k", type=int, default=None, metavar="N",
                    help="speculative samplers: draft tokens per target pass (default: the sampler's, 4)")
     s.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
@@ -329,18 +523,86 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flip", action="store_true", help="also store the tokens of every mirror image")
     t.add_argument("--batch-size", type=positive_int, default=64, help="images per encode call")
     t.add_argument("--out", required=True, help="output folder (shards + index.json; an interrupted build resumes)")
+    t.add_argument("--text-encoder", default=None, metavar="SPEC",
+                   help="also store caption features for text-to-image training: minilm, t5:PATH (a local T5 "
+                        "folder) or a saved text encoder folder; needs a captioned dataset (--data shapes) and "
+                        "pip install \"visar[t2i]\" for minilm/t5 (default: none, class labels only)")
+    t.add_argument("--text-max-length", type=positive_int, default=None,
+                   help="tokens per caption, special tokens included (default: the encoder's, minilm 32, t5 120)")
+    t.add_argument("--exclude-caption", action="append", default=[], metavar="PHRASE",
+                   help="leave out the items whose caption holds PHRASE as whole words, e.g. 'red star' "
+                        "(held-out attribute combinations); repeatable (default: none)")
     t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     add_threads_flag(t)
     add_quiet_flag(t)
     t.set_defaults(func=cmd_tokenize)
 
+    d = sub.add_parser("distill-data", help="(noise, teacher tokens) pairs for Distilled Decoding students "
+                       "(task: distill), made with the teacher flow map", formatter_class=HelpFormatter)
+    d.add_argument("--teacher", required=True,
+                   help="class-conditional next-token (LlamaGen) pipeline: bundled name or pipeline folder")
+    d.add_argument("--num", type=positive_int, required=True, help="number of pairs")
+    d.add_argument("--out", required=True,
+                   help="output folder (manifest.json + shards; re-running the same command resumes)")
+    d.add_argument("--cfg-scale", type=float, default=None,
+                   help="teacher guidance scale, 1 = none (default: the pipeline's stored default)")
+    d.add_argument("--temperature", type=float, default=None, help="teacher temperature > 0 (default: 1)")
+    d.add_argument("--top-k", type=int, default=None, help="teacher top-k, 0 = off (default: 0)")
+    d.add_argument("--top-p", type=float, default=None, help="teacher top-p in (0, 1], 1 = off (default: 1)")
+    d.add_argument("--num-flow-steps", type=positive_int, default=None,
+                   help="Heun steps of the teacher map (default: 16, part of the teacher's definition)")
+    d.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="another teacher-map option (cfg_interval, solver); JSON values, repeatable (default: none)")
+    d.add_argument("--labels", choices=["balanced", "random"], default="balanced",
+                   help="class of pair i: i %% num_classes (balanced) or a hash of (seed, i) (random)")
+    d.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the set: pair i's noise and label depend on (seed, i) only")
+    d.add_argument("--shard-size", type=positive_int, default=1024, help="pairs per shard file")
+    d.add_argument("--batch-size", type=positive_int, default=64, help="pairs per teacher call (speed only)")
+    d.add_argument("--num-processes", type=positive_int, default=1,
+                   help="processes to shard over (Accelerate; on CPU they use gloo)")
+    add_threads_flag(d)
+    add_quiet_flag(d)
+    d.set_defaults(func=cmd_distill_data)
+
+    g = sub.add_parser("t2i", help="text-to-image: PNGs from prompts with a text-to-image pipeline (one JSON record "
+                       "per image, resumable)", formatter_class=HelpFormatter)
+    g.add_argument("prompt", nargs="?", default=None, help="one prompt, e.g. \"a large red circle on a dark blue "
+                   "background\" (or give --prompts)")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help="UTF-8 text file, one prompt per line (blank lines skipped); image N.png is line N "
+                        "(default: none)")
+    g.add_argument("--model", default=None,
+                   help=f"text-to-image pipeline folder or bundled name (default: {T2I_MODEL}, once visar ships it)")
+    g.add_argument("--out", default=None,
+                   help="one prompt: a .png path (its record beside it as .json) or a folder; --prompts: a folder "
+                        "(default: t2i.png / t2i)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the run; the image of line i depends on the seed, i, its prompt and --batch-size")
+    g.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale, 1 = none (default: the model's stored default)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature > 0 (default: the sampler's)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="keep the k most likely tokens, 0 = off (default: the sampler's)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus filter in (0, 1], 1 = off (default: the sampler's)")
+    g.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="any sampler option; JSON values, repeatable (default: none)")
+    g.add_argument("--batch-size", type=positive_int, default=1,
+                   help="prompts per generate call (speed); part of the seed rule, so a resumed run must keep it")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_threads_flag(g)
+    add_quiet_flag(g)
+    g.set_defaults(func=cmd_t2i)
+
     m = sub.add_parser("models", help="list bundled models (trained weights) and presets (random weights)",
                        formatter_class=HelpFormatter)
     m.add_argument("pattern", nargs="?", default="*",
                    help="a substring (llamagen) or a glob ('var-*') of the names to list")
-    m.add_argument("--kind", default="model", choices=["model", "family", "tokenizer", "sampler", "task", "converter"],
+    m.add_argument("--kind", default="model",
+                   choices=["model", "family", "tokenizer", "sampler", "task", "converter", "text_encoder"],
                    help="what to list: presets and bundled models, or registered families, tokenizers, "
-                        "samplers, training tasks or checkpoint converters")
+                        "samplers, training tasks, checkpoint converters or text encoders")
     m.add_argument("--names", action="store_true", help="names only, one per line (no table)")
     m.set_defaults(func=cmd_models)
 

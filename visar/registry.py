@@ -19,6 +19,7 @@ KINDS = {
     "sampler": "sampler classes (visar.samplers.base.Sampler subclasses)",
     "task": "training tasks (visar.train.tasks)",
     "converter": "official checkpoint readers (visar.convert.common.Converter), one per family",
+    "text_encoder": "caption encoders of text-to-image pipelines (visar.text.base.TextEncoder subclasses)",
 }
 
 #: modules that register something; imported lazily, in this order, on the first lookup
@@ -28,6 +29,7 @@ MODULES = [
     "visar.tokenizers.kl",
     "visar.generators.next_token.llamagen",
     "visar.generators.next_token.continuous",
+    "visar.generators.next_token.distilled",
     "visar.generators.masked.mar",
     "visar.generators.next_scale.var",
     "visar.generators.next_scale.flowar",
@@ -45,6 +47,10 @@ MODULES = [
     "visar.samplers.speculative",
     "visar.samplers.jacobi",
     "visar.samplers.flow_map",
+    "visar.samplers.distilled",
+    "visar.text.minilm",
+    "visar.text.t5",
+    "visar.text.tiny",
     "visar.train.tasks",
     "visar.convert.llamagen",
     "visar.convert.var",

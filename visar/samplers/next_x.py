@@ -5,7 +5,9 @@ device, float64 state); for each step of :func:`em_time_grid` a float64 noise ``
 the model call, the model gives ``v`` for all ``R`` rows; score ``s = (-(1 - t) v - x) / t``, drift
 ``d = v - t s``; guidance ``d = d_u + cfg_k (d_c - d_u)`` with ``cfg_k = 1 + (cfg_scale - 1) k / (E - 1)``;
 ``x += d dt + sqrt(2 t) sqrt(|dt|) e``, and a last noise-free step to ``t = 0``. The entity's result is
-then committed (the clean context of later entities).
+then committed (the clean context of later entities). Entity 0 is never guided (``cfg_k = 1``); the
+official sampler still runs its unconditional rows and keeps the conditional drift, here they are skipped
+(``velocity(..., cond_only=True)``, 1/8 fewer model rows at 4 entities) unless a ``callback`` traces every row.
 
 ``method="ode"`` (not in the official code): Euler steps ``x += v_cfg dt`` of the probability-flow ODE
 on ``linspace(1, 0, num_steps + 1)`` with the same guidance ramp on the velocity and the initial draw
@@ -102,18 +104,22 @@ class NextXSampler(Sampler):
         for k, n_k in enumerate(sizes):
             x = torch.randn(B, n_k, C, generator=generator, device=noise_dev).to(dev).double()
             cfg_k = ramp(cfg_scale, k, max(E - 1, 1))
+            # entity 0 is never guided (cfg_k = 1): the official sampler still runs its unconditional rows and
+            # keeps the conditional drift; they are skipped here unless a callback traces every row
+            cond_only = guided and k == 0 and callback is None and getattr(model, "velocity_cond_only", False)
             for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
                 last = ode or i == len(grid) - 2  # no noise term
                 if not last:
                     e = torch.randn(x.shape, generator=generator, device=noise_dev, dtype=torch.float64).to(dev)
-                v = model.velocity(state, x, t_cur, k, i == 0)
+                v = model.velocity(state, x, t_cur, k, i == 0, cond_only=True) if cond_only else \
+                    model.velocity(state, x, t_cur, k, i == 0)
                 self.stats["model_passes"] += 1
                 bar.update()
                 if callback is not None:
                     callback({"entity": k, "step": i, "x": state.inputs, "time": t_cur, "labels": state.labels,
                               "out": v})
-                d = drift(v.double(), torch.cat([x, x]) if guided else x, t_cur, ode)  # float64
-                if guided:
+                d = drift(v.double(), torch.cat([x, x]) if guided and not cond_only else x, t_cur, ode)  # float64
+                if guided and not cond_only:
                     d_c, d_u = d.chunk(2)
                     d = cfg_mix(d_c, d_u, cfg_k)
                 dt = t_next - t_cur

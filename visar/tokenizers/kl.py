@@ -39,6 +39,7 @@ import torch
 
 from visar.tokenizers.base import Tokenizer
 from visar.utils.config import register_config
+from visar.utils.dist import all_reduce_, is_distributed
 from visar.registry import Preset, register
 
 #: ``diffusers.AutoencoderKL`` config of MAR's kl16 (fixture README, "Loading into diffusers")
@@ -210,6 +211,9 @@ class KLTokenizer(Tokenizer):
         averaged over the batch and divided by ``3*H*W``; detached ``latent_std`` (std of the unscaled
         posterior means of this batch) and ``posterior_std`` (mean posterior std).
         In training mode with ``scale_factor="auto"`` the running ``latent_std`` buffer is updated.
+        Under an initialised ``torch.distributed`` group of several processes (data parallelism), in
+        training mode ``latent_std`` is the std of the whole global batch (moments all-reduced in
+        float64; a collective every process must run), so every replica keeps the same estimate.
         """
         mean, logvar = self._posterior_moments(images)
         std = torch.exp(0.5 * logvar)
@@ -223,7 +227,8 @@ class KLTokenizer(Tokenizer):
         kl_per_image = 0.5 * (m.pow(2) + s.pow(2) - 1.0 - logvar).flatten(1).sum(1)
         kl = kl_per_image.mean() / images[0].numel()
         with torch.no_grad():
-            batch_std = (m - self.shift_factor).std()
+            batch_std = _global_std(m - self.shift_factor) if self.training and is_distributed() \
+                else (m - self.shift_factor).std()
             if self.training and self._fixed_scale is None:  # tensor ops only: no host sync per step
                 self.latent_std_updates.add_(1)
                 w = (1.0 / self.latent_std_updates.float()).clamp_min(0.01)
@@ -235,6 +240,16 @@ class KLTokenizer(Tokenizer):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the posterior mean."""
         return self.decode(self.encode(images))
+
+
+def _global_std(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased std (float32 scalar) of ``x`` pooled over all processes: two all-reduced float64
+    passes (count and sum, then squared deviations from the global mean), equal on every rank."""
+    x = x.double()
+    first = all_reduce_(torch.stack([x.new_tensor(float(x.numel())), x.sum()]), "sum")
+    n, mean = first[0], first[1] / first[0]
+    sq = all_reduce_((x - mean).square().sum(), "sum")
+    return (sq / (n - 1).clamp_min(1)).sqrt().float()
 
 
 PRESETS = {

@@ -220,13 +220,31 @@ class NextXGenerator(AdaLNEncoderDecoder, Generator):
         cache = self.new_cache(labels.shape[0], self.pred.weight.dtype, dev) if use_cache else None
         return EntityState(batch=B, guided=guided, device=dev, cache=cache, labels=labels)
 
-    def velocity(self, state: EntityState, x: torch.Tensor, t: float, k: int, first: bool) -> torch.Tensor:
+    #: :meth:`velocity` takes ``cond_only`` (samplers check this before passing it)
+    velocity_cond_only = True
+
+    def velocity(self, state: EntityState, x: torch.Tensor, t: float, k: int, first: bool,
+                 cond_only: bool = False) -> torch.Tensor:
         """One model call for entity ``k`` at flow time ``t``: velocity ``[R, n_k, C]`` (model dtype).
 
         ``x``: ``[B or R, n_k, C]`` noisy tokens, any float dtype (cast to the model's; ``B`` rows are fed
         to both CFG halves). ``first``: the entity's first call, which with a cache also writes the
         previous entity (committed, at ``t = 0``) into it. The call's input is kept in ``state.inputs``.
+
+        ``cond_only`` (entity 0 only): run the ``B`` conditional rows alone and return ``[B, n_0, C]``, for
+        a guided sampler whose guidance scale is 1 on the first entity (its unconditional rows would go
+        unused). Entity 0 attends to itself only, so the call runs without the cache; the first call of
+        entity 1 writes entity 0 (clean) into the cache for every row, as it always does.
         """
+        if cond_only:
+            if k != 0:
+                raise ValueError(f"cond_only applies to entity 0 only (entity {k} attends to the cache of "
+                                 "every row); run all rows")
+            xb = x[:state.batch].to(self.pred.weight.dtype)
+            tt = torch.full((xb.shape[0], 1), t, dtype=torch.float64, device=xb.device)
+            c = self.entity_condition(state.labels[:state.batch], tt)  # [B, 1, D]
+            state.inputs = xb
+            return self.transformer(xb, c, 0, cond_index=self.entity_index[:xb.shape[1]])
         xf = x.to(self.pred.weight.dtype)  # the model runs in its own dtype (float32 for parity)
         x_cur = torch.cat([xf, xf]) if state.guided and xf.shape[0] == state.batch else xf
         R, n_k = x_cur.shape[:2]
