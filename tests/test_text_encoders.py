@@ -32,7 +32,6 @@ def _official_left_pad(embs: torch.Tensor, masks: torch.Tensor) -> tuple[torch.T
     return torch.stack(rows) * new_masks[:, :, None], new_masks
 
 
-@pytest.mark.fixtures
 def test_left_pad_reproduces_the_fixture_caption_and_mask(fixtures):
     from safetensors.torch import load_file
 

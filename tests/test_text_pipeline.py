@@ -116,7 +116,6 @@ class FixtureEncoder(TextEncoder):
         return {}
 
 
-@pytest.mark.fixtures
 def test_official_t2i_checkpoint_runs_from_prompts(fixtures):
     """The converted official tiny t2i GPT plus an encoder giving the fixture's features: the Pipeline's condition
     is the fixture's left-padded caption and mask, and its samples are the official generate() tokens."""
