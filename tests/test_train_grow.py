@@ -70,3 +70,28 @@ def test_deepen_errors_say_what_to_do(tmp_path):
     save_safetensors(state, path)
     with pytest.raises(ConfigError, match="model.init_deepen must be"):
         load_config(None, [f"model.init_from={path}", "model.init_deepen={blocks: trunk.blocks}"], data=base)
+
+
+def test_init_exclude_starts_a_text_model_from_a_class_model(tmp_path):
+    """``model.init_exclude``: the trunk, token embedding and head load from a class-conditioned model, the
+    caption projection keeps the new model's own initialisation, and a wrong prefix is named."""
+    cls_model = _trained(2)
+    path = tmp_path / "cls.safetensors"
+    save_safetensors(cls_model.state_dict(), path)
+    text_kw = {k: v for k, v in KW.items() if k != "num_classes"}
+    torch.manual_seed(1)
+    fresh = NextTokenGenerator(depth=2, caption_dim=8, cls_token_num=3, **text_kw)
+    own = {k: v.clone() for k, v in fresh.state_dict().items()}
+    cfg = TrainConfig(model=ModelConfig(cls="x:y", init_from=str(path), init_exclude=["cond_embed"]))
+    text = init_and_freeze(fresh, cfg)
+    state, src = text.state_dict(), cls_model.state_dict()
+    for name, value in state.items():
+        expected = own[name] if name.startswith("cond_embed.") else src[name]
+        assert torch.equal(value, expected), name
+    with pytest.raises(ValueError, match="init_exclude prefix 'cond_emb'.*top-level groups"):
+        init_and_freeze(NextTokenGenerator(depth=2, caption_dim=8, cls_token_num=3, **text_kw),
+                        TrainConfig(model=ModelConfig(cls="x:y", init_from=str(path), init_exclude=["cond_emb"])))
+    # without the exclusion the class embedding does not fit: the strict load says so
+    with pytest.raises(Exception, match="cond_embed"):
+        init_and_freeze(NextTokenGenerator(depth=2, caption_dim=8, cls_token_num=3, **text_kw),
+                        TrainConfig(model=ModelConfig(cls="x:y", init_from=str(path))))

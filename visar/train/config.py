@@ -59,6 +59,10 @@ class ModelConfig:
     #: [attn.proj.weight, mlp.w2.weight]}`` loads ``init_from`` (fewer blocks) into this model with
     #: function-preserving new blocks; empty: ``init_from`` must match the model exactly
     init_deepen: dict = field(default_factory=dict)
+    #: parameter-name prefixes that ``init_from`` does not provide (e.g. ``[cond_embed]``: start a
+    #: text-conditioned model from a class-conditioned one): weights under them are dropped from the file and
+    #: this model keeps its own initialisation there; every other parameter still loads strictly
+    init_exclude: list = field(default_factory=list)
 
 
 @dataclass
@@ -281,6 +285,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not Path(cfg.model.init_from).is_file():
             raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist (run the training that "
                               "writes it first, or pass model.init_from=path/to/weights.safetensors)")
+    if cfg.model.init_exclude and not cfg.model.init_from:
+        raise ConfigError("config key model.init_exclude needs model.init_from (the weights it filters)")
+    if not all(isinstance(x, str) and x for x in cfg.model.init_exclude):
+        raise ConfigError(f"config key model.init_exclude must be a list of parameter-name prefixes, "
+                          f"got {cfg.model.init_exclude!r}")
     deepen = cfg.model.init_deepen
     if deepen:
         if not cfg.model.init_from:

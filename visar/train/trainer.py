@@ -73,10 +73,28 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         raise ValueError(f"model.kwargs do not fit {m.cls}: {e}") from e
 
 
+def exclude_prefixes(model: nn.Module, state: dict, prefixes: list) -> dict:
+    """``state`` without the tensors under ``prefixes``, completed with ``model``'s own tensors there
+    (``model.init_exclude``). Raises ``ValueError`` for a prefix that names nothing in either."""
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    own = model.state_dict()
+    for pre in prefixes:
+        if not any(under(n, pre) for n in list(own) + list(state)):
+            tops = sorted({n.split(".")[0] for n in own})
+            raise ValueError(f"model.init_exclude prefix {pre!r} names no tensor of {type(model).__name__} or of "
+                             f"model.init_from; its top-level groups are: {', '.join(tops)}")
+    kept = {k: v for k, v in state.items() if not any(under(k, pre) for pre in prefixes)}
+    kept.update({k: v for k, v in own.items() if any(under(k, pre) for pre in prefixes)})
+    return kept
+
+
 def init_and_freeze(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Apply ``model.init_from`` (strict load of a ``.safetensors`` file; with ``model.init_deepen``,
     of a shallower model grown by :func:`visar.train.grow.deepen_state`) and ``model.trainable``
-    (parameter-name prefixes that train; the rest gets ``requires_grad=False``)."""
+    (parameter-name prefixes that train; the rest gets ``requires_grad=False``); ``model.init_exclude``
+    prefixes keep this model's own initialisation."""
     m = cfg.model
     if m.init_from:
         from visar.convert.common import load_state_strict
@@ -89,6 +107,8 @@ def init_and_freeze(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             blocks = m.init_deepen["blocks"]
             depth = block_depth(model.state_dict(), blocks)
             state = deepen_state(state, depth, blocks, list(m.init_deepen["zero"]))
+        if m.init_exclude:
+            state = exclude_prefixes(model, state, m.init_exclude)
         load_state_strict(model, state, source=f"model.init_from={m.init_from}")
     if m.trainable:
         def under(name: str, prefix: str) -> bool:
