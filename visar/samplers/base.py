@@ -16,7 +16,7 @@ import torch
 
 from visar.conditions import Condition
 from visar.registry import get, names
-from visar.samplers.options import check_common, check_option_names
+from visar.samplers.options import apply_aliases, check_common, check_option_names
 
 
 class Sampler:
@@ -34,6 +34,7 @@ class Sampler:
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any):
+        options = apply_aliases(options, type(self).__name__, self.defaults)  # guidance_scale -> cfg_scale
         check_option_names(options, self.defaults, f"{type(self).__name__}")
         self.options = dict(options)
         check_common(self.options)
@@ -53,6 +54,7 @@ class Sampler:
 
     def resolve(self, options: dict[str, Any]) -> dict[str, Any]:
         """Constructor options, then call options, over :attr:`defaults`; validated."""
+        options = apply_aliases(options, type(self).__name__, self.defaults)
         check_option_names(options, self.defaults, f"{type(self).__name__}")
         opts = {**self.defaults, **self.options, **options}
         check_common(opts)

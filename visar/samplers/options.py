@@ -14,7 +14,8 @@ One name per knob and one meaning across families (table in ``docs/architecture.
 ``progress``   show a tqdm bar (by step)
 ============== =============================================================================
 
-Old or family-specific spellings fail with a message naming the right one (:data:`RENAMED`).
+Old or family-specific spellings fail with a message naming the right one (:data:`RENAMED`). Other
+libraries' names are accepted as aliases (:data:`ALIASES`: diffusers' ``guidance_scale`` is ``cfg_scale``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ RENAMED = {
     "topp": "top_p",
     "temp": "temperature",
 }
+
+#: other libraries' names of an option, accepted as that option (``guidance_scale``: diffusers' name of
+#: ``cfg_scale``, same meaning: 1 = no guidance); :func:`apply_aliases` maps them
+ALIASES = {"guidance_scale": "cfg_scale"}
 
 #: one-line meanings, for help texts and error messages
 MEANINGS = {
@@ -63,6 +68,25 @@ def check_option_names(given: Iterable[str], accepted: Iterable[str], where: str
         close = difflib.get_close_matches(name, sorted(accepted), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise TypeError(f"{where} has no option {name!r}{hint} It takes: {', '.join(sorted(accepted))}")
+
+
+def apply_aliases(options: dict, where: str = "sampling", accepted: Iterable[str] = ()) -> dict:
+    """``options`` with every alias of :data:`ALIASES` renamed to its option (a new dict; the input is kept).
+
+    Giving an alias and its option with different values is an error (a ``TypeError`` naming both); with
+    equal values the alias is dropped. A name in ``accepted`` (what ``where`` itself takes) is left alone.
+    """
+    accepted = set(accepted)
+    out = dict(options)
+    for alias, name in ALIASES.items():
+        if alias not in out or alias in accepted:
+            continue
+        value = out.pop(alias)
+        if name in out and out[name] != value:
+            raise TypeError(f"{where}: {alias}={value!r} and {name}={out[name]!r} name the same option "
+                            f"({alias} is diffusers' name of {name}); give one of them")
+        out[name] = value
+    return out
 
 
 def _number(name: str, value, integer: bool = False) -> float:
@@ -122,5 +146,5 @@ def check_common(options: dict) -> None:
             fn(options[name])
 
 
-__all__ = ["RENAMED", "MEANINGS", "check_option_names", "check_cfg_scale", "check_temperature", "check_top_k",
+__all__ = ["RENAMED", "ALIASES", "MEANINGS", "apply_aliases", "check_option_names", "check_cfg_scale", "check_temperature", "check_top_k",
            "check_top_p", "check_positive_int", "check_choice", "check_common"]
