@@ -208,9 +208,15 @@ class VQTokenizer(Tokenizer):
         any process selected it: the counts are all-reduced (a collective: every process must run
         its training pass), so all replicas hold the same counters.
         """
-        h = self.encode_latents(images)
+        # The 1x1 convs around the quantizer would see channels-last tensors (the encoder's attention leaves its
+        # output channels-last; the quantizer's output zq is a permute of [B, h, w, D]) and then compute their
+        # weight gradients channels-last, which DistributedDataParallel's contiguous gradient buckets report as
+        # "Grad strides do not match bucket view strides" (and copy slowly). Both inputs are made contiguous
+        # here, in training only: encode and decode keep their exact numerics.
+        self.check_images(images)
+        h = self.quant_conv(self.encoder(images).contiguous())
         z_n, zq, ids, codes = self.quantize(h)
-        recon = self.decode_latents(zq)
+        recon = self.decode_latents(zq.contiguous())
         rec_loss = F.mse_loss(recon, images)
         codebook_loss = F.mse_loss(codes, z_n.detach())
         commit_loss = self.commit_beta * F.mse_loss(z_n, codes.detach())
