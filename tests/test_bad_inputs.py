@@ -30,16 +30,16 @@ def files(tmp_path_factory):
     torch.manual_seed(0)
     pipe = root / "pipe"
     Pipeline(zoo.create("llamagen-vq-tiny"), zoo.create("llamagen-gpt-tiny")).save_pretrained(pipe)
-    for name, broken in (("badgen", "generator.json"), ("badpipe", "pipeline.json")):
+    for name, broken in (("badgen", "generator/config.json"), ("badpipe", "pipeline.json")):
         shutil.copytree(pipe, root / name)
         (root / name / broken).write_text('{"class": "visar.generators')  # cut off mid-string
     shutil.copytree(pipe, root / "nantok")
     from visar.utils.io import load_safetensors, save_safetensors
 
-    state = load_safetensors(root / "nantok" / "tokenizer.safetensors")
+    state = load_safetensors(root / "nantok" / "tokenizer" / "model.safetensors")
     key = next(k for k, v in state.items() if v.is_floating_point())
     state[key].view(-1)[0] = float("nan")
-    save_safetensors(state, root / "nantok" / "tokenizer.safetensors")
+    save_safetensors(state, root / "nantok" / "tokenizer" / "model.safetensors")
     noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     (root / "rand.pt").write_bytes(noise)
     (root / "randpickle.pt").write_bytes(b"\x80\x54" + noise)  # looks like a pickle header (protocol 84)
@@ -75,11 +75,11 @@ CLI_CASES = [
     ("sample-option-wrong-type", ["sample", "--model", "{pipe}", "--option", "cfg_scale=\"2\"", "--out", "{out}/o"],
      "cfg_scale must be a number", None),
     ("sample-invalid-generator-json", ["sample", "--model", "{badgen}", "--out", "{out}/o"],
-     "generator.json is not valid JSON", None),
+     "generator/config.json is not valid JSON", None),
     ("sample-invalid-pipeline-json", ["sample", "--model", "{badpipe}", "--out", "{out}/o"],
      "pipeline.json is not valid JSON", None),
     ("sample-nan-tokenizer-weight", ["sample", "--model", "{nantok}", "--out", "{out}/o"],
-     "tokenizer.safetensors holds NaN or infinite weights", None),
+     "tokenizer/model.safetensors holds NaN or infinite weights", None),
     ("sample-device-typo", ["sample", "--model", "{pipe}", "--device", "gpu", "--out", "{out}/o"],
      "is not a device", None),
     ("convert-folder-as-checkpoint", ["convert", "llamagen", "--tokenizer", "{tmp}", "--generator", "{rand}",
@@ -214,11 +214,11 @@ def test_empty_batch_of_every_family_is_refused_before_the_model():
 
 
 def test_broken_files_name_the_file(files):
-    with pytest.raises(ValueError, match="generator.json is not valid JSON"):
+    with pytest.raises(ValueError, match="generator/config.json is not valid JSON"):
         zoo.load(files["badgen"])
     with pytest.raises(ValueError, match="pipeline.json is not valid JSON"):
         zoo.load(files["badpipe"])
-    with pytest.raises(ValueError, match="tokenizer.safetensors holds NaN"):
+    with pytest.raises(ValueError, match="tokenizer/model.safetensors holds NaN"):
         zoo.load(files["nantok"])
     from visar.convert.common import CheckpointError, read_checkpoint
 

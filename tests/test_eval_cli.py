@@ -39,7 +39,7 @@ def test_cli_sample_fid_shapes(pipeline_dir, tmp_path, monkeypatch, capsys):
     assert rec.status == "complete" and rec.num == 4 and rec.image_size == [32, 32] and rec.resize == 32
     assert rec.options["cfg_scale"] == 2.0 and rec.options["top_k"] == 8 and rec.options["top_p"] == 1.0
     assert rec.model_path == str(pipeline_dir.resolve())
-    assert set(rec.weights_sha256) == {"tokenizer.safetensors", "generator.safetensors"}
+    assert set(rec.weights_sha256) == {"tokenizer/model.safetensors", "generator/model.safetensors"}
     with np.load(out / "samples.npz") as f:
         assert f["arr_0"].shape == (4, 32, 32, 3)
 

@@ -234,3 +234,33 @@ def test_two_processes_give_the_same_images_as_one(tmp_path):
     b, lb = _read_npz(tmp_path / "two" / "samples.npz")
     assert np.array_equal(a, b) and np.array_equal(la, lb)
     assert len(np.unique(a.reshape(10, -1), axis=0)) == 10  # ten distinct images, not one repeated
+
+
+def test_sampler_is_recorded_and_reproduces_the_images(tmp_path):
+    """``visar eval sample --sampler NAME --option K=V``: samples.json names the sampler and its options, which
+    redraw the images; a folder made with another sampler is not extended."""
+    from visar.eval import cli
+    from visar.eval.io import image_name, read_image
+    from visar.utils.images import to_uint8
+
+    pipe = llamagen_tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "jacobi"
+    argv = ["sample", str(tmp_path / "pipe"), "--out", str(out), "--num", "3", "--labels", "balanced",
+            "--batch-size", "2", "--no-progress"]
+    assert cli.main(argv + ["--sampler", "jacobi", "--option", "window=4"]) == 0
+    rec = load_sidecar(out)
+    assert rec.sampler == "jacobi" and rec.options["window"] == 4
+    labels = sampling.labels_range(rec.labels, 2, 4, rec.num_classes, rec.seed).tolist()
+    again = pipe.generate(labels, seed=sampling.chunk_seed(rec.seed, 2), sampler=rec.sampler, **rec.options)
+    assert np.array_equal(to_uint8(again)[0].numpy(), read_image(out / "images" / image_name(2, rec.index_width)))
+    assert cli.main(argv[:5] + ["4"] + argv[6:]) == 2  # the model's own sampler may not extend it
+    assert cli.main(argv + ["--sampler", "jacobbi"]) == 2  # unknown name: one error line
+    # a record written before samplers were recorded was drawn by the pipeline's own sampler
+    old = tmp_path / "old"
+    assert cli.main(argv[:3] + [str(old)] + argv[4:]) == 0
+    data = json.loads((old / "samples.json").read_text())
+    assert data.pop("sampler") == "autoregressive"
+    (old / "samples.json").write_text(json.dumps(data))
+    assert cli.main(argv[:3] + [str(old), "--num", "4"] + argv[6:]) == 0
+    assert cli.main(argv[:3] + [str(old)] + argv[4:] + ["--sampler", "jacobi"]) == 2

@@ -44,7 +44,7 @@ def test_sampler_given_per_call_or_at_construction(pipe, tmp_path):
     assert torch.equal(greedy, pipe.generate([3], seed=7, top_k=1))
     p2.save_pretrained(tmp_path / "p")
     meta = json.loads((tmp_path / "p" / "pipeline.json").read_text())
-    assert meta["sampler"] == {"name": "autoregressive", "options": {"top_k": 1}} and meta["version"] == 2
+    assert meta["sampler"] == {"name": "autoregressive", "options": {"top_k": 1}} and meta["version"] == 3
     loaded = Pipeline.from_pretrained(tmp_path / "p")
     assert loaded.sampler.options == {"top_k": 1} and torch.equal(loaded.generate([3], seed=0), greedy)
 
@@ -114,7 +114,7 @@ def test_model_valued_sampler_options_save_as_components(pipe, tmp_path):
         p = Pipeline(pipe.tokenizer, pipe.generator, sampler=sampler)
         folder = tmp_path / component
         p.save_pretrained(folder)
-        assert (folder / f"{component}.safetensors").is_file()
+        assert (folder / component / "model.safetensors").is_file()
         q = Pipeline.from_pretrained(folder)
         assert type(q.sampler) is type(sampler)
         assert torch.equal(p.generate([1, 2], seed=3), q.generate([1, 2], seed=3))

@@ -48,4 +48,4 @@ def test_generator_trains_on_a_token_cache(vq_export, tmp_path):
         "data": {"kind": "token_cache", "path": str(cache), "flip": True},
         "train": {**LOOP, "output_dir": str(tmp_path / "gpt")}})
     export = train(cfg)
-    assert (export / "generator.safetensors").is_file() and (export / "pipeline.json").is_file()
+    assert (export / "generator" / "model.safetensors").is_file() and (export / "pipeline.json").is_file()

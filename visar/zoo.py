@@ -115,11 +115,13 @@ def create(name: str, **overrides: Any):
     return klass(**{**p.kwargs, **overrides})
 
 
-def load(name_or_path: str | Path = DEFAULT_MODEL, device: str = "cpu"):
+def load(name_or_path: str | Path = DEFAULT_MODEL, device: str = "cpu", torch_dtype: Any = None):
     """Load a :class:`~visar.pipeline.Pipeline` from a bundled name or a saved folder.
 
-    Official checkpoints are loaded with the family converters (``visar.convert.<family>``) and
-    wrapped with ``Pipeline(tokenizer, generator)``.
+    ``torch_dtype`` (``torch.bfloat16``, ``torch.float16`` or its name) casts the tokenizer's and generator's
+    weights, as ``Pipeline.from_pretrained(..., torch_dtype=...)`` does (logits stay float32). Official
+    checkpoints are loaded with the family converters (``visar.convert.<family>``) and wrapped with
+    ``Pipeline(tokenizer, generator)``.
     """
     from visar.pipeline import Pipeline
 
@@ -128,10 +130,10 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, device: str = "cpu"):
         folder = ASSETS / BUNDLED[name]
         if not (folder / "pipeline.json").is_file():
             raise FileNotFoundError(f"bundled model {name!r} is missing from {folder}; reinstall visar")
-        return Pipeline.from_pretrained(folder, device=device)
+        return Pipeline.from_pretrained(folder, device=device, torch_dtype=torch_dtype)
     path = Path(name)
     if path.is_dir():
-        return Pipeline.from_pretrained(path, device=device)
+        return Pipeline.from_pretrained(path, device=device, torch_dtype=torch_dtype)
     raise FileNotFoundError(f"{name!r} is neither a bundled model ({sorted(BUNDLED)}) nor a pipeline folder. "
                             "Official checkpoints: load them with visar.convert.<family>.load_tokenizer / "
                             "load_generator and wrap them in visar.Pipeline, or run `visar convert`.")

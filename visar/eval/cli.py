@@ -2,8 +2,9 @@
 
 ::
 
-    visar eval sample MODEL --out DIR --num N --labels balanced|random [--protocol PRESET] [--cfg-scale S]
-                      [--top-k K] [--top-p P] [--temperature T] [--num-steps N] [--option KEY=VALUE ...]
+    visar eval sample MODEL --out DIR --num N --labels balanced|random [--protocol PRESET] [--sampler NAME]
+                      [--cfg-scale S] [--top-k K] [--top-p P] [--temperature T] [--num-steps N]
+                      [--option KEY=VALUE ...]
                       [--resize 256 | --no-resize] [--batch-size B] [--seed S] [--num-processes N] [--threads T]
     visar eval fid SAMPLES --ref REF [--inception-weights PATH] [--no-isc] [--no-kid] [--no-prc]
     visar eval shapes SAMPLES [--labels FILE|IDS] [--num-reference N]
@@ -71,9 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, help="nucleus filter in (0, 1], 1 = off (default: the sampler's)")
     s.add_argument("--num-steps", type=int,
                    help="token-head denoising / ODE steps, families with a token head (default: the sampler's)")
+    s.add_argument("--sampler", default=None, metavar="NAME",
+                   help="sampler, one of `visar models --kind sampler`; recorded in samples.json with its options "
+                        "(default: the model's own, which reproduces the official sampling)")
     s.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sampling option of the generator; value parsed as JSON, else a string; "
+                   help="any other sampling option of the sampler; value parsed as JSON, else a string; "
                         "repeatable (default: none)")
+    from visar.samplers.options import MEANINGS
+
+    s.add_argument("--compile", action="store_true",
+                   help=f"sampler option compile=True: {MEANINGS['compile']}; see docs/compile.md (default: off)")
     s.add_argument("--seed", type=non_negative_int, default=0, help="seed of the set (see the seed rule in samples.json)")
     s.add_argument("--batch-size", type=positive_int, default=32,
                    help="images per generate call; part of the seed rule (keep it to resume or compare sets)")
@@ -173,6 +181,8 @@ def _cmd_sample(args, argv: Sequence[str]) -> int:
                                  ("top_k", args.top_k), ("top_p", args.top_p), ("num_steps", args.num_steps))
                if v is not None}
     options.update(dict(args.option))
+    if args.compile:
+        options["compile"] = True
     resize = None if args.no_resize else args.resize
     labels, num, protocol, departures = args.labels, args.num, None, []
     if args.protocol:
@@ -191,10 +201,17 @@ def _cmd_sample(args, argv: Sequence[str]) -> int:
                          "--labels random (uniform class ids); or apply a --protocol")
     if num is None:
         raise ValueError("give --num (50000 for the ImageNet FID protocol) or a --protocol")
-    rec = sample_to_folder(args.model, args.out, num, labels, args.num_classes, seed=args.seed,
-                           batch_size=args.batch_size, resize=resize, resize_antialias=args.resize_antialias,
-                           dtype=args.dtype, progress=not args.quiet, protocol=protocol,
-                           departures=departures, pack_npz=not args.no_npz, **options)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logging.captureWarnings(True)  # warnings become log lines, and log lines go through the progress bars
+    try:
+        with logging_redirect_tqdm():
+            rec = sample_to_folder(args.model, args.out, num, labels, args.num_classes, seed=args.seed,
+                                   batch_size=args.batch_size, resize=resize, resize_antialias=args.resize_antialias,
+                                   dtype=args.dtype, progress=not args.quiet, protocol=protocol,
+                                   departures=departures, pack_npz=not args.no_npz, sampler=args.sampler, **options)
+    finally:
+        logging.captureWarnings(False)
     if int(os.environ.get("RANK", "0")) == 0:
         log.info("wrote %d images of %s to %s (%s)", rec.num, rec.model_name, args.out,
                  "npz packed" if rec.npz else "no npz")
@@ -225,8 +242,8 @@ def _sidecar_of(path: str) -> dict | None:
     folder = p.parent if p.suffix == ".npz" else p
     if (folder / SIDECAR_NAME).is_file():
         rec = load_sidecar(folder)
-        return {k: getattr(rec, k) for k in ("model_name", "num", "labels", "seed", "options", "resize", "dtype",
-                                             "departures", "weights_state_sha256")}
+        return {k: getattr(rec, k) for k in ("model_name", "num", "labels", "seed", "sampler", "options", "resize",
+                                             "dtype", "departures", "weights_state_sha256")}
     return None
 
 

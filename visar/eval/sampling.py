@@ -62,7 +62,7 @@ def chunk_starts(indices: Sequence[int] | range, chunk_size: int) -> list[int]:
 
 
 def generate_chunk(pipe: Any, labels_of: Callable[[int, int], Sequence[int]], start: int, *, seed: int,
-                   chunk_size: int, progress: bool = False, **options: Any) -> torch.Tensor:
+                   chunk_size: int, progress: bool = False, sampler: Any = None, **options: Any) -> torch.Tensor:
     """The images of global indices ``[start, start + chunk_size)`` under :data:`SEED_RULE`.
 
     Args:
@@ -73,6 +73,7 @@ def generate_chunk(pipe: Any, labels_of: Callable[[int, int], Sequence[int]], st
         start: a multiple of ``chunk_size``.
         seed: the run's seed; the chunk's generator is seeded with ``chunk_seed(seed, start)``.
         progress: show the sampler's own progress bar (by step) when it has one.
+        sampler: the sampler (object or registered name) passed to ``generate``; ``None``: the pipeline's.
         **options: sampling options, passed to ``generate``.
 
     Returns:
@@ -81,9 +82,15 @@ def generate_chunk(pipe: Any, labels_of: Callable[[int, int], Sequence[int]], st
     if start % chunk_size:
         raise ValueError(f"chunk start {start} is not a multiple of the chunk size {chunk_size}")
     ids = [int(c) for c in labels_of(start, start + chunk_size)]
-    sampler = getattr(pipe, "sampler", None)
-    if progress and sampler is not None and "progress" in getattr(sampler, "defaults", {}) and "progress" not in options:
+    used = sampler if sampler is not None else getattr(pipe, "sampler", None)
+    if isinstance(used, str):
+        from visar.registry import get
+
+        used = get("sampler", used)
+    if progress and used is not None and "progress" in getattr(used, "defaults", {}) and "progress" not in options:
         options = {**options, "progress": True}
+    if sampler is not None:
+        options = {**options, "sampler": sampler}
     images = pipe.generate(ids, seed=chunk_seed(seed, start), **options)
     if not (isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] == chunk_size
             and images.shape[1] == 3):
@@ -130,7 +137,18 @@ def weights_state_sha256(pipeline: Any) -> str:
 
 
 def _weight_files(folder: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+    """``{path relative to folder: sha256}`` of the weight files of a pipeline folder: the top-level ones (flat
+    folders of format versions 1 and 2) and those of the component folders ``pipeline.json`` names (version 3,
+    e.g. ``generator/model.safetensors``)."""
+    dirs = [folder]
+    index = folder / "pipeline.json"
+    if index.is_file():
+        try:
+            comps = json.loads(index.read_text()).get("components") or {}
+        except (ValueError, AttributeError):
+            comps = {}
+        dirs += [folder / name for name in sorted(comps) if isinstance(name, str) and (folder / name).is_dir()]
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for d in dirs for p in sorted(d.iterdir())
             if p.is_file() and p.suffix in _WEIGHT_SUFFIXES}
 
 
@@ -172,16 +190,31 @@ def _jsonable_options(options: dict) -> dict:
 NOT_RECORDED = ("progress",)
 
 
-def effective_options(pipeline: Any, options: dict) -> dict:
+def sampler_name(pipeline: Any, sampler: Any = None) -> str | None:
+    """Registered name of the sampler a run uses: ``sampler`` (object or name) or the pipeline's own
+    (``None`` for a pipeline-like object without one). An unknown name raises a ``KeyError``."""
+    resolve = getattr(pipeline, "resolve_sampler", None)
+    if resolve is not None:
+        return resolve(sampler).name
+    if sampler is not None:
+        raise TypeError(f"sampler={sampler!r} needs a visar Pipeline (one with resolve_sampler); "
+                        f"got a {type(pipeline).__name__}")
+    return getattr(getattr(pipeline, "sampler", None), "name", None)
+
+
+def effective_options(pipeline: Any, options: dict, sampler: Any = None) -> dict:
     """What the sampler will really use, validated: its defaults, then the pipeline's stored
     ``sampling_defaults``, then ``options`` (so a record names, e.g., the cfg a bundled model samples at
-    by default). Unknown option names and bad values raise here, before anything is written."""
+    by default). ``sampler`` (object or registered name) replaces the pipeline's. Unknown option names and bad
+    values raise here, before anything is written. Aliases are recorded under their option's name
+    (``guidance_scale`` as ``cfg_scale``)."""
     from visar.samplers.base import default_sampler
+    from visar.samplers.options import apply_aliases
 
     resolve = getattr(pipeline, "resolve_sampler", None)
     if resolve is not None:
-        sampler = resolve(None)
-        options = pipeline.options_for(sampler, options)
+        sampler = resolve(sampler)
+        options = pipeline.options_for(sampler, apply_aliases(options, type(sampler).__name__, sampler.defaults))
     elif getattr(pipeline, "generator", None) is not None:  # a pipeline-like wrapper: the generator's own sampler
         sampler = default_sampler(pipeline.generator)
     else:
@@ -248,7 +281,7 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
                      resize: int | None = None, resize_antialias: bool = False, dtype: str = "float32",
                      progress: bool = True, model_name: str | None = None, protocol: dict | None = None,
                      departures: Sequence[str] = (), accelerator: Any = None, pack_npz: bool = True,
-                     **options: Any) -> SampleRecord:
+                     sampler: Any = None, **options: Any) -> SampleRecord:
     """Sample ``num`` class-conditional images into ``out_dir`` (see the module docstring).
 
     Args:
@@ -269,6 +302,9 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
         accelerator: an ``accelerate.Accelerator``; when ``None``, one is created if the process was launched
             distributed (``WORLD_SIZE > 1``), else sampling runs in this process on the pipeline's device.
         pack_npz: write ``samples.npz`` on rank 0 at the end.
+        sampler: a registered sampler name (or a sampler object) replacing the pipeline's own; recorded by name
+            with its effective options, so the record reproduces the images (a folder made with another
+            sampler is refused, as for any other setting).
         **options: sampling options of the generator (``cfg_scale``, ``temperature``, ``top_k``, ``top_p``,
             ``num_steps``, ...), passed to ``generate``; validated and recorded (with the defaults the
             sampler and the pipeline add) before anything is written.
@@ -301,7 +337,7 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
 
     record = SampleRecord(
         model_name=model_name or default_name, num=num, labels=labels, num_classes=num_classes, seed=seed,
-        batch_size=batch_size, options=effective_options(pipe, options),
+        batch_size=batch_size, sampler=sampler_name(pipe, sampler), options=effective_options(pipe, options, sampler),
         weights_state_sha256=weights_state_sha256(pipe),
         model_path=model_path, weights_sha256=file_hashes, resize=resize, resize_antialias=bool(resize_antialias),
         dtype=dtype, num_processes=world, index_width=index_width(num), protocol=protocol,
@@ -313,6 +349,8 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
     done = finished_indices(img_dir)
     if (out / SIDECAR_NAME).is_file():
         previous = load_sidecar(out)
+        if previous.sampler is None:  # recorded before samplers were: drawn by the pipeline's own sampler
+            previous.sampler = sampler_name(pipe)
         diff = previous.differences(record)
         if diff and (done or previous.status == "complete"):
             raise ValueError(f"{out} holds samples made with other settings ({'; '.join(diff)}); "
@@ -353,7 +391,8 @@ def sample_to_folder(pipeline_or_path: Any, out_dir: str | os.PathLike, num: int
     for s, e in mine:
         with amp:
             images = generate_chunk(pipe, labels_of, s, seed=seed, chunk_size=batch_size,
-                                    progress=progress and acc.is_local_main_process, **options)[:e - s]
+                                    progress=progress and acc.is_local_main_process, sampler=sampler,
+                                    **options)[:e - s]
         u8 = to_uint8(_resize(images, resize, resize_antialias)).numpy()  # [B, H, W, 3]
         for k, i in enumerate(range(s, e)):
             if i not in done:

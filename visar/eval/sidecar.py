@@ -1,8 +1,9 @@
 """The JSON sidecar written next to every sample folder: every setting that shaped the images.
 
 ``samples.json`` records the model (name, path, sha256 of its weight files and of its loaded
-weights), the label mode, seeds and seed rule (:data:`SEED_RULE`), the sampling options the sampler
-really used (its defaults, the pipeline's stored ``sampling_defaults``, then what was passed), resize,
+weights), the label mode, seeds and seed rule (:data:`SEED_RULE`), the sampler (its registered name) and the
+sampling options it really used (its defaults, the pipeline's stored ``sampling_defaults``, then what was
+passed), resize,
 dtype, batch size, number of processes, visar/torch versions and the protocol departures. It round-trips: ``load_sidecar(save_sidecar(record))`` equals ``record``.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ SEED_RULE = ("v2: image i is row i - s of the chunk s = (i // batch_size) * batc
 
 #: fields that determine the images; a resumed run must agree on all of them
 IDENTITY_FIELDS = ("weights_state_sha256", "labels", "num_classes", "seed", "seed_rule", "batch_size",
-                   "options", "resize", "resize_antialias", "dtype", "index_width")
+                   "sampler", "options", "resize", "resize_antialias", "dtype", "index_width")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class SampleRecord:
     batch_size: int
     options: dict
     weights_state_sha256: str
+    #: registered name of the sampler that drew the images (``None`` in records written before visar recorded
+    #: it: those were drawn by the pipeline's own sampler)
+    sampler: str | None = None
     model_path: str | None = None
     weights_sha256: dict = field(default_factory=dict)
     resize: int | None = None

@@ -46,8 +46,14 @@ def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") ->
                                 "run with task: distill (it holds distill.json + distill.safetensors)")
     device = torch.device(device)
     where = "cpu" if device.type == "cpu" else str(device)  # safetensors rejects "cpu:0"
+    from visar.utils.config import component_path
+
+    if (component_path(d) or ("",))[0] == "folder":  # the student's own component folder (save_pretrained(d))
+        m = Generator.from_pretrained(d, map_location=where)
+        if isinstance(m, DistilledNextToken):
+            return m.eval()
     for name in STUDENT_NAMES:
-        if (d / f"{name}.json").is_file():
+        if component_path(d, name) is not None:  # flat NAME.json or the component folder NAME/
             m = Generator.from_pretrained(d, name, map_location=where)
             if isinstance(m, DistilledNextToken):
                 return m.eval()

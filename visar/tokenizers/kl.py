@@ -33,6 +33,7 @@ quantity on a batch for any tokenizer (LDM's recipe: ``1 / std`` of the latents 
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -117,6 +118,39 @@ class KLTokenizer(Tokenizer):
         self.shift_factor = float(shift_factor or 0.0)
         self.latent_channels = int(self.vae.config.latent_channels)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ saving (a diffusers-readable folder)
+    #: weights file of a saved component folder: diffusers' name, so ``AutoencoderKL.from_pretrained`` opens it
+    DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+    def component_config(self) -> dict:
+        """``config.json`` of :meth:`save_pretrained`'s folder: the diffusers ``AutoencoderKL`` config at top level
+        (its ``scaling_factor`` / ``shift_factor`` set to this tokenizer's latent scale and shift, as diffusers
+        applies them: ``latents = (z - shift_factor) * scaling_factor``), and under ``"_visar"`` this tokenizer's
+        own constructor arguments (``config``) and the running ``latent_std`` buffers of ``scale_factor="auto"``
+        (``buffers``). diffusers drops keys starting with ``_``."""
+        import diffusers
+
+        cfg = {k: v for k, v in json.loads(self.vae.to_json_string()).items() if not k.startswith("_")}
+        cfg.update(scaling_factor=self.scale_factor, shift_factor=self.shift_factor or None)
+        buffers = {}
+        if self._fixed_scale is None:
+            buffers = {"latent_std": float(self.latent_std), "latent_std_updates": int(self.latent_std_updates)}
+        meta = self._visar_meta(self.DIFFUSERS_WEIGHTS, config=self.config, buffers=buffers)
+        return {"_class_name": "AutoencoderKL", "_diffusers_version": diffusers.__version__, **cfg, "_visar": meta}
+
+    def component_state(self) -> dict[str, torch.Tensor]:
+        """The VAE's parameters under diffusers' names (``encoder.down_blocks.0...``, no ``vae.`` prefix)."""
+        return {k: v for k, v in self.vae.state_dict().items()}
+
+    @classmethod
+    def state_from_component(cls, state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+        out = {f"vae.{k}": v for k, v in state.items()}
+        buffers = (meta.get("_visar") or {}).get("buffers") or {}
+        if "latent_std" in buffers:
+            out["latent_std"] = torch.tensor(float(buffers["latent_std"]))
+            out["latent_std_updates"] = torch.tensor(int(buffers.get("latent_std_updates", 0)), dtype=torch.long)
+        return out
 
     # ------------------------------------------------------------------ scale
     @property

@@ -48,8 +48,53 @@ def register_config(init):
     return wrapper
 
 
+#: file names of a component folder (the Hub mixin convention: ``config.json`` + ``model.safetensors``)
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+#: ``config.json["_visar"]["format"]`` of a visar component folder, and its version
+COMPONENT_FORMAT, COMPONENT_VERSION = "visar-component", 1
+
+
+def component_path(directory: str | os.PathLike, name: str | None = None) -> tuple[str, Path] | None:
+    """Where a saved module lives: ``("folder", <directory>[/name])`` for a component folder (``config.json``
+    + weights), ``("flat", <directory>/<name>.json)`` for the older flat layout (``name.json`` +
+    ``name.safetensors``; ``name`` defaults to ``"model"`` there), or ``None`` when neither exists."""
+    d = Path(directory)
+    folder = d / name if name else d
+    if (folder / CONFIG_NAME).is_file():
+        return "folder", folder
+    flat = d / f"{name or 'model'}.json"
+    if flat.is_file():
+        return "flat", flat
+    return None
+
+
+def as_torch_dtype(value: Any, name: str = "torch_dtype") -> torch.dtype | None:
+    """``None``, a floating ``torch.dtype`` or its name (``"bfloat16"``, ``"torch.float16"``) as a dtype."""
+    if value is None or isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if isinstance(value, str):
+        dt = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dt, torch.dtype) and dt.is_floating_point:
+            return dt
+    raise TypeError(f"{name} must be a floating torch dtype such as torch.bfloat16 (or its name, 'bfloat16'), "
+                    f"got {value!r}")
+
+
 class Configurable(nn.Module):
-    """Base for tokenizers and generators: a JSON config plus safetensors weights."""
+    """Base for tokenizers and generators: a JSON config plus safetensors weights.
+
+    ``save_pretrained(folder)`` writes a *component folder*, the convention of huggingface_hub's
+    ``PyTorchModelHubMixin`` (which official LlamaGen uses): ``config.json`` holds the constructor's keyword
+    arguments at top level plus a ``"_visar"`` entry (``format``, ``version``, ``class``, ``family``,
+    ``weights``), next to the weights ``model.safetensors``; ``Class.from_pretrained(folder)`` rebuilds the
+    module. Subclasses may write another weights file and config (the KL tokenizer writes a folder
+    ``diffusers.AutoencoderKL.from_pretrained`` opens) through :meth:`component_config`,
+    :meth:`component_state` and :meth:`state_from_component`.
+
+    The older flat layout (``save_pretrained(folder, name)``: ``name.json`` + ``name.safetensors`` side by
+    side, the files of pipeline folders before format version 3) is still written when a name is given and
+    read by ``from_pretrained(folder, name)``, which also finds the component folder ``folder/name``.
+    """
 
     config: dict
     #: short family name written into the saved config (``"llamagen"``, ``"var"``, ...)
@@ -59,40 +104,130 @@ class Configurable(nn.Module):
         return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "family": self.family,
                 "config": self.config}
 
-    def save_pretrained(self, directory: str | os.PathLike, name: str = "model") -> Path:
-        """Write ``{name}.json`` and ``{name}.safetensors`` into ``directory`` atomically."""
+    # ------------------------------------------------------------------ component folders
+    def component_config(self) -> dict:
+        """What ``config.json`` holds: the constructor arguments and ``"_visar"`` (class, family, weights)."""
+        return {**self.config, "_visar": self._visar_meta(WEIGHTS_NAME)}
+
+    def _visar_meta(self, weights: str, **extra: Any) -> dict:
+        d = self.config_dict()
+        return {"format": COMPONENT_FORMAT, "version": COMPONENT_VERSION, "class": d["class"], "family": d["family"],
+                "weights": weights, **extra}
+
+    def component_state(self) -> dict[str, torch.Tensor]:
+        """The tensors of the weights file (default: the state dict)."""
+        return dict(self.state_dict())
+
+    @classmethod
+    def state_from_component(cls, state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`component_state`: the module's state dict from the file's tensors and ``config.json``."""
+        return state
+
+    def save_pretrained(self, directory: str | os.PathLike, name: str | None = None) -> Path:
+        """Write the component folder ``directory`` (``config.json`` + ``model.safetensors``, each file
+        atomically, the config last), or with ``name`` the flat files ``directory/name.json`` +
+        ``directory/name.safetensors``. Files get the ordinary mode (``0644`` under umask 022)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        state = {k: v for k, v in self.state_dict().items()}
-        save_safetensors(state, d / f"{name}.safetensors")
-        atomic_write_bytes(d / f"{name}.json", json.dumps(self.config_dict(), indent=1).encode())
+        if name is not None:
+            save_safetensors(dict(self.state_dict()), d / f"{name}.safetensors")
+            atomic_write_bytes(d / f"{name}.json", json.dumps(self.config_dict(), indent=1).encode())
+            return d
+        cfg = self.component_config()
+        save_safetensors(self.component_state(), d / cfg["_visar"]["weights"], metadata={"format": "pt"})
+        atomic_write_bytes(d / CONFIG_NAME, json.dumps(cfg, indent=1).encode())
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, name: str = "model",
-                        map_location: str | torch.device = "cpu") -> "Configurable":
-        """Rebuild from ``{name}.json`` and load ``{name}.safetensors`` strictly."""
+    def from_pretrained(cls, directory: str | os.PathLike, name: str | None = None,
+                        map_location: str | torch.device = "cpu", torch_dtype: Any = None) -> "Configurable":
+        """Rebuild a saved module and load its weights strictly.
+
+        Args:
+            directory: a component folder (``config.json`` + weights), or the folder holding ``name``.
+            name: a component folder ``directory/name`` (e.g. ``"generator"`` of a pipeline folder) or the
+                flat files ``directory/name.json`` + ``.safetensors`` (when neither exists and ``directory`` is
+                itself a component folder, that folder); ``None``: ``directory`` itself (or its flat
+                ``model.json``).
+            map_location: device the weights are loaded to.
+            torch_dtype: cast floating weights to this dtype (``torch.bfloat16``, ...; default: as stored).
+        """
+        dtype = as_torch_dtype(torch_dtype)
         d = Path(directory)
-        cfg_path = d / f"{name}.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path} not found: a visar folder holds {name}.json + {name}.safetensors "
-                                    "(written by save_pretrained)")
-        meta = read_json(cfg_path, "a visar model config")
-        if not isinstance(meta, dict) or not isinstance(meta.get("class"), str) or not isinstance(
-                meta.get("config"), dict):
-            raise ValueError(f"{cfg_path} is not a visar model config: it needs a \"class\" string and a \"config\" "
-                             "object (written by save_pretrained)")
-        target = resolve_class(meta["class"])
-        if not (isinstance(target, type) and issubclass(target, cls)):
-            raise TypeError(f"{cfg_path} describes a {meta['class']} (family {meta.get('family')}), "
-                            f"which is not a {cls.__name__}")
-        model = target(**meta["config"])
-        weights = d / f"{name}.safetensors"
-        state = load_safetensors(weights, device=map_location)
-        check_finite_state(state, str(weights))
-        from visar.utils.state_dict import load_state_strict
-        load_state_strict(model, state, source=str(weights))
-        return model
+        found = component_path(d, name)
+        if found is None and name and (d / CONFIG_NAME).is_file():
+            found = ("folder", d)  # the component folder itself was given (e.g. a saved draft generator)
+        if found is None:
+            where = d / name if name else d
+            flat = f" and no flat {d / (name + '.json')}" if name else ""
+            hint = ""
+            if (where / "pipeline.json").is_file():
+                hint = (" It is a pipeline folder: load it with visar.Pipeline.from_pretrained, or one component "
+                        f"with {cls.__name__}.from_pretrained(folder / 'generator') (or 'tokenizer').")
+            raise FileNotFoundError(f"saved visar model not found at {where}: no {CONFIG_NAME} there (a component "
+                                    f"folder written by save_pretrained){flat}.{hint}")
+        kind, path = found
+        model = _load_folder(cls, path, map_location) if kind == "folder" else _load_flat(cls, path, map_location)
+        return model.to(dtype) if dtype is not None else model
+
+
+def _check_class(cls: type, class_path: Any, where: Path, family: Any) -> type:
+    if not isinstance(class_path, str):
+        raise ValueError(f"{where} names no visar class (a \"class\" string, written by save_pretrained)")
+    target = resolve_class(class_path)
+    if not (isinstance(target, type) and issubclass(target, cls)):
+        raise TypeError(f"{where} describes a {class_path} (family {family}), which is not a {cls.__name__}")
+    return target
+
+
+def _load_state(model: nn.Module, weights: Path, map_location: Any, convert=None, meta: dict | None = None) -> None:
+    from visar.utils.state_dict import load_state_strict
+
+    state = load_safetensors(weights, device=map_location)
+    if convert is not None:
+        state = convert(state, meta)
+    check_finite_state(state, str(weights))
+    load_state_strict(model, state, source=str(weights))
+
+
+def _load_flat(cls: type, cfg_path: Path, map_location: Any) -> "Configurable":
+    meta = read_json(cfg_path, "a visar model config")
+    if not isinstance(meta, dict) or not isinstance(meta.get("class"), str) or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{cfg_path} is not a visar model config: it needs a \"class\" string and a \"config\" "
+                         "object (written by save_pretrained)")
+    target = _check_class(cls, meta["class"], cfg_path, meta.get("family"))
+    model = target(**meta["config"])
+    _load_state(model, cfg_path.with_suffix(".safetensors"), map_location)
+    return model
+
+
+def _load_folder(cls: type, folder: Path, map_location: Any) -> "Configurable":
+    cfg_path = folder / CONFIG_NAME
+    cfg = read_json(cfg_path, "a visar component config")
+    meta = cfg.get("_visar") if isinstance(cfg, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != COMPONENT_FORMAT:
+        raise ValueError(f"{cfg_path} is not a visar component config (no \"_visar\" entry with \"format\": "
+                         f"\"{COMPONENT_FORMAT}\"); a diffusers VAE folder loads with "
+                         "visar.convert.mar.load_tokenizer, other models with their converter (visar convert)")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > COMPONENT_VERSION:
+        raise ValueError(f"{cfg_path} has component format version {version!r}; this visar reads up to "
+                         f"{COMPONENT_VERSION}: upgrade visar")
+    weights = meta.get("weights", WEIGHTS_NAME)
+    if not isinstance(weights, str) or "/" in weights or "\\" in weights or weights.startswith("."):
+        raise ValueError(f"{cfg_path}: \"_visar\".\"weights\" must be a file name in the folder, got {weights!r}")
+    target = _check_class(cls, meta.get("class"), cfg_path, meta.get("family"))
+    kwargs = meta.get("config")
+    if kwargs is None:
+        kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{cfg_path}: \"_visar\".\"config\" must be an object of constructor arguments")
+    try:
+        model = target(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{cfg_path} does not fit {meta['class']}: {e}") from e
+    _load_state(model, folder / weights, map_location, target.state_from_component, cfg)
+    return model
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:

@@ -64,6 +64,44 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def default_dir_mode() -> int:
+    """Mode of a new folder: ``0o777 & ~umask`` (``0o755`` under the usual umask 022)."""
+    return 0o777 & ~_umask()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_dir(folder) as tmp: <write files into tmp>``: the folder ``path`` appears whole.
+
+    The files are written into a temporary folder next to ``path`` (``.NAME.*.tmp``); on success it gets
+    the default folder mode (``0755`` under umask 022, not the ``0700`` of a temporary folder) and takes
+    the place of ``path``: an existing ``path`` is first renamed aside, then removed, so a reader sees the
+    old folder or the new one (a kill between the two renames leaves the old one as ``.NAME.*.old``). On
+    any error ``path`` is left as it was and the temporary folder is removed.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; a folder is to be written there")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, default_dir_mode())
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 # ------------------------------------------------------------------------------------------ safetensors
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
