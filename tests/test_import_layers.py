@@ -112,3 +112,19 @@ def test_no_import_cycles():
                                              ("visar.conditions", "base"), ("visar.cli", "cli")])
 def test_layer_table(module, expected):
     assert LAYERS[layer_of(module)][0] == expected
+
+
+def test_ops_imports_only_torch_and_itself():
+    """``visar.ops`` sits at the bottom beside ``visar.nn`` (which builds on it): it imports no other visar module,
+    and nothing but the standard library, torch and (lazily, in ``visar.ops.kernels``) triton."""
+    allowed_roots = {"torch", "triton", "contextlib", "functools", "importlib", "os", "types", "typing",
+                     "__future__", "math"}
+    bad = []
+    for path in (ROOT / "ops").rglob("*.py"):
+        module = module_name(path)
+        bad += [f"{module} imports {d}" for d in imports_of(path, module) if not d.startswith("visar.ops")]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{module} imports {n}" for n in names if n and n.split(".")[0] not in allowed_roots | {"visar"}]
+    assert not bad, "\n".join(sorted(bad))

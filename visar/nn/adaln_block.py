@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from visar.nn.adaln import modulate
 from visar.nn.attention import Attention
 from visar.nn.kv_cache import KVCache
 from visar.nn.mlp import SwiGLU
@@ -101,7 +100,7 @@ class AdaLNBlock(nn.Module):
             cond_index: ``[N]`` block of each token when ``c`` is per block.
         """
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(c, cond_index)
-        h = modulate(self.norm1(x), shift1, scale1)
+        h = self.norm1.modulated(x, shift1, scale1)  # modulate(norm1(x), shift1, scale1), fused on CUDA
         x = x + gamma1 * self.attn(h, rope=rope, mask=mask, cache=cache, cache_pos=cache_pos, attend_len=attend_len)
-        x = x + gamma2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = x + gamma2 * self.mlp(self.norm2.modulated(x, shift2, scale2))
         return x

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import torch
 
+from visar.ops.cfg import cfg_mix as _cfg_mix
+
 
 def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """``uncond + (cond - uncond) * scale`` (LlamaGen's form; VAR's ``(1+t) c - t u`` is ``scale = 1 + t``)."""
-    return uncond + (cond - uncond) * scale
+    """``uncond + (cond - uncond) * scale`` (LlamaGen's form; VAR's ``(1+t) c - t u`` is ``scale = 1 + t``).
+
+    ``scale`` is a number or a tensor broadcasting over ``cond``; :func:`visar.ops.cfg_mix` runs it (one kernel on
+    CUDA, these torch operations elsewhere)."""
+    return _cfg_mix(cond, uncond, scale)
 
 
 def is_guided(cfg_scale: float) -> bool:

@@ -5,12 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visar.ops.adaln import norm_modulate
+from visar.ops.rmsnorm import rms_norm
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 and cast back **before** the weight is applied.
 
     ``y = cast(x * rsqrt(mean(x^2) + eps)) * weight`` (LlamaGen, FlowAR and xAR order).
-    ``affine=False`` gives the weight-free variant FlowAR/xAR blocks use.
+    ``affine=False`` gives the weight-free variant FlowAR/xAR blocks use. Runs :func:`visar.ops.rms_norm` (a fused
+    kernel on CUDA, the same torch operations as before elsewhere).
 
     Args:
         dim: size of the last axis.
@@ -23,10 +27,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-        return y * self.weight if self.weight is not None else y
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``x [..., D] -> [..., D]``; with ``residual`` (shaped like ``x``) the norm of ``x + residual`` and the
+        sum: ``(norm(x + residual), x + residual)``."""
+        return rms_norm(x, self.weight, self.eps, residual)
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``norm(x) * (1 + scale) + shift`` (AdaLN; ``shift``/``scale`` broadcast over ``x [..., D]``) as one op:
+        :func:`visar.ops.norm_modulate`, equal to ``modulate(self(x), shift, scale)``."""
+        return norm_modulate(x, shift, scale, "rms", self.eps, self.weight)
 
 
 def layer_norm_no_affine(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

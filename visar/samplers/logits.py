@@ -3,41 +3,19 @@
 Randomness comes only from the ``torch.Generator`` passed in. The draw is ``torch.multinomial``,
 one call per step for the whole batch, which is what the official LlamaGen and VAR samplers do
 (on CPU it equals ``argmax(p / Exp(1))``), so seeded CPU runs match theirs token for token.
+
+Temperature, top-k, top-p and the whole fused path live in :mod:`visar.ops.sampling` (re-exported here):
+:func:`draw_from_logits` runs guidance, temperature, top-k, top-p and the draw as one op
+(:func:`visar.ops.sample_logits`, a Triton kernel on CUDA) and equals, token for token and generator state for
+generator state, ``sample_categorical(softmax(process_logits(cfg_mix(c, u, s), ...)))`` on the CPU.
 """
 from __future__ import annotations
 
 import torch
 
 from visar.nn.guidance import cfg_mix  # noqa: F401  (re-exported: guidance mixing lives below the generators)
-
-
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``logits / max(temperature, 1e-5)`` (LlamaGen)."""
-    return logits / max(temperature, 1e-5)
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep logits ``>=`` the k-th largest along the last axis (ties kept); others become ``-inf``.
-
-    ``k <= 0`` or ``k >= V`` disables the filter.
-    """
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter, LlamaGen/HF convention: sort descending, drop tokens whose cumulative
-    probability exceeds ``p`` but keep the first one that crosses it. ``p >= 1`` disables it."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    remove = cum > p
-    remove[..., 1:] = remove[..., :-1].clone()
-    remove[..., 0] = False
-    return logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+from visar.ops.sampling import (apply_temperature, exponential_noise, process_logits, sample_logits,  # noqa: F401
+                                top_k_filter, top_p_filter)
 
 
 def top_p_filter_ascending(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -58,14 +36,23 @@ def check_finite(logits: torch.Tensor, where: str = "sampling") -> None:
                                  "(check the checkpoint, the dtype, and inputs for NaN)")
 
 
-def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (LlamaGen order). Returns filtered logits."""
-    logits = apply_temperature(logits, temperature)
-    logits = top_k_filter(logits, top_k)
-    return top_p_filter(logits, top_p)
-
-
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per row of ``probs [..., V]`` with ``torch.multinomial``; returns ``LongTensor [...]``."""
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def draw_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     generator: torch.Generator | None = None, uncond: torch.Tensor | None = None,
+                     cfg_scale: float = 1.0) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``: guidance with ``uncond [B, V]`` (if given), temperature, top-k,
+    top-p, softmax and the multinomial draw, as one op (:func:`visar.ops.sample_logits`).
+
+    The draw's ``Exp(1)`` noise ``[B, V]`` comes from ``generator`` exactly as ``torch.multinomial`` draws it, so
+    on the CPU the tokens and the generator's state equal those of ``sample_categorical(torch.softmax(
+    process_logits(cfg_mix(logits, uncond, cfg_scale), temperature, top_k, top_p), -1), generator)``. Returns
+    ``LongTensor [B]``.
+    """
+    dtype = logits.dtype if uncond is None else torch.promote_types(logits.dtype, uncond.dtype)
+    noise = torch.empty(logits.shape, dtype=dtype, device=logits.device).exponential_(generator=generator)
+    return sample_logits(logits, noise, temperature, top_k, top_p, uncond, cfg_scale)

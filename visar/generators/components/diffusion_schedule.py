@@ -20,6 +20,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+#: the tables one reverse step of the learned-variance head reads (:meth:`DiffusionSchedule.coefficients`)
+STEP_TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+               "posterior_mean_coef2", "log_betas", "posterior_log_variance_clipped")
+
 TABLES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_recip_alphas_cumprod",
           "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
           "posterior_mean_coef1", "posterior_mean_coef2")
@@ -99,6 +103,14 @@ class DiffusionSchedule:
         if isinstance(t, int):
             return arr[t].float().to(device)
         return arr.to(t.device)[t].float()[:, None]
+
+    def coefficients(self, index: int) -> dict[str, float]:
+        """The :data:`STEP_TABLES` at respaced step ``index`` as Python floats holding the float32 values :meth:`at`
+        returns (a float32 tensor times such a float rounds exactly as times the 0-dim float32 tensor). Cached."""
+        cache = self.__dict__.setdefault("_coefficients", {})
+        if index not in cache:
+            cache[index] = {k: float(np.float32(getattr(self, k)[index])) for k in STEP_TABLES}
+        return cache[index]
 
     def tables(self) -> dict[str, torch.Tensor]:
         """Every table as a float64 tensor, plus ``timestep_map`` (for inspection and tests)."""

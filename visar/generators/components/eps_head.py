@@ -28,7 +28,7 @@ from torch import nn
 
 from visar.generators.components.diffusion_schedule import cosine_betas, space_timesteps
 from visar.generators.components.heads import MODEL_X0_CLIP, ReverseStepHead, check_x0_clip
-from visar.nn.guidance import cfg_mix
+from visar.ops.head_step import ddpm_step
 
 #: ``eps(x_t [N, C], abar_t [N, 1], cond [N, D]) -> [N, C]``
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -137,24 +137,21 @@ class EpsilonHead(ReverseStepHead, nn.Module):
 
     def reverse_gaussian(self, t: RespacedTables, x: torch.Tensor, index: int, z: torch.Tensor, cfg, g: bool,
                          clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`step_gaussian` on resolved arguments, unchecked (the chain's hot loop)."""
+        """:meth:`step_gaussian` on resolved arguments, unchecked (the chain's hot loop). The guidance mix and the
+        posterior mean are :func:`visar.ops.ddpm_step` (one kernel on CUDA)."""
         n = x.shape[0] // 2 if g else x.shape[0]
         abar = float(t.abar[index])
         if g:
             half = x[:n]
             e = self.eps(torch.cat([half, half]), torch.full((2 * n, 1), abar, dtype=x.dtype, device=x.device), z)
-            e = cfg_mix(e[:n], e[n:], cfg)
-            e = torch.cat([e, e])
-            x = torch.cat([half, half])
         else:
             e = self.eps(x, torch.full((x.shape[0], 1), abar, dtype=x.dtype, device=x.device), z)
         if e.shape != x.shape:
             raise ValueError(f"eps returned {tuple(e.shape)} for x_t {tuple(x.shape)}; it must predict one noise "
                              f"vector per row")
-        x0 = (x - math.sqrt(1.0 - abar) * e) / math.sqrt(abar)
-        if clip is not None:
-            x0 = x0.clamp(-clip, clip)
-        mean = float(t.coef1[index]) * x0 + float(t.coef2[index]) * x
+        # x0 = (x - sqrt(1 - abar) e) / sqrt(abar), clamped; mean = coef1 x0 + coef2 x (guided: x = [half; half])
+        mean, _ = ddpm_step(x, e, cfg if g else None, math.sqrt(abar), math.sqrt(1.0 - abar), float(t.coef1[index]),
+                            float(t.coef2[index]), clip, divide=True, shared_x=True)
         return mean, torch.full_like(mean, self.step_std(index, len(t.abar)))
 
 

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visar.nn.adaln import modulate
 from visar.nn.adaln_block import AdaLNBlock, swiglu_hidden
 from visar.nn.attention import Attention
 from visar.nn.embeddings import TimestepEmbedding, quantize_timestep, timestep_sinusoid
@@ -77,10 +76,10 @@ class CrossHeadBlock(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``x [B, N, W]``, ``t [B, W]`` time embedding, ``tc [B, N, W]`` = t + c, ``z [B, N, D]``."""
         gamma_a, scale_a, shift_a = self.ada_lin_attn(F.silu(t))[:, None].chunk(3, dim=-1)
-        x = x + gamma_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope=rope)
+        x = x + gamma_a * self.attn(self.norm1.modulated(x, shift_a, scale_a), rope=rope)
         x = x + self.crossattn(self.norm2_1(x), self.norm2_2(z), rope)
         gamma_m, scale_m, shift_m = self.ada_lin_mlp(F.silu(tc)).chunk(3, dim=-1)
-        return x + gamma_m * self.mlp(modulate(self.norm3(x), shift_m, scale_m))
+        return x + gamma_m * self.mlp(self.norm3.modulated(x, shift_m, scale_m))
 
 
 class FinalLayer(nn.Module):
@@ -94,7 +93,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(tc).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.norm_final.modulated(x, shift, scale))
 
 
 class FlowHeadTransformer(nn.Module):

@@ -40,9 +40,10 @@ from torch import nn
 
 from visar.generators.components.diffusion_schedule import get_schedule
 from visar.generators.components.draws import given_or_drawn
-from visar.nn.adaln import modulate
+from visar.nn.adaln import norm_modulate
 from visar.nn.embeddings import TimestepEmbedding
 from visar.nn.guidance import cfg_mix
+from visar.ops.head_step import ddpm_step, flow_step
 
 
 @dataclass
@@ -127,7 +128,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+        ln = self.in_ln  # modulate(ln(x), shift, scale) as one op (a fused kernel on CUDA)
+        return x + gate * self.mlp(norm_modulate(x, shift, scale, "layer", ln.eps, ln.weight, ln.bias))
 
 
 class FinalLayer(nn.Module):
@@ -141,7 +143,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(x, shift, scale, "layer", self.norm_final.eps))
 
 
 class SimpleMLPAdaLN(nn.Module):
@@ -377,10 +379,20 @@ class DiffusionHead(ReverseStepHead, nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def _reverse_step(self, sch, x: torch.Tensor, i: int, z: torch.Tensor, cfg, g: bool,
-                      x0_clip: float | None = None):
+                      x0_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of respaced step ``i``: the network once, then :func:`visar.ops.ddpm_step` (guidance on
+        the noise, the posterior mean, the learned std; one kernel on CUDA). Equal, bit for bit, to
+        ``forward_with_cfg`` followed by :meth:`_mean_logvar` and ``exp(0.5 logvar)``."""
         t = sch.timestep_map.to(z.device)[i].expand(x.shape[0])  # original timestep of respaced step i
-        out = self.net.forward_with_cfg(x, t, z, cfg) if g else self.net(x, t, z)
-        return self._mean_logvar(sch, x, out[:, :self.token_dim], out[:, self.token_dim:], i, x0_clip)
+        if g:
+            half = x[: len(x) // 2]
+            out = self.net(torch.cat([half, half], dim=0), t, z)
+        else:
+            out = self.net(x, t, z)
+        c = sch.coefficients(i)
+        return ddpm_step(x, out, cfg if g else None, c["sqrt_recip_alphas_cumprod"], c["sqrt_recipm1_alphas_cumprod"],
+                         c["posterior_mean_coef1"], c["posterior_mean_coef2"], x0_clip, c["log_betas"],
+                         c["posterior_log_variance_clipped"])
 
     def resolve_x0_clip(self, x0_clip=MODEL_X0_CLIP) -> float | None:
         """The clamp a call uses: ``"model"`` -> the head's ``x0_clip``; ``None`` or a number > 0 as given."""
@@ -398,8 +410,7 @@ class DiffusionHead(ReverseStepHead, nn.Module):
                          x0_clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`step_gaussian` on resolved arguments, unchecked (the head chain's hot loop): ``schedule``
         from :meth:`schedule`, ``guided`` a bool, ``x0_clip`` ``None`` or a number. Returns ``(mean, std)``."""
-        mean, logvar = self._reverse_step(schedule, x, index, z, cfg, guided, x0_clip)
-        return mean, torch.exp(0.5 * logvar)
+        return self._reverse_step(schedule, x, index, z, cfg, guided, x0_clip)
 
 
 # ---------------------------------------------------------------------------------------------- flow matching
@@ -487,12 +498,16 @@ class FlowHead(nn.Module):
     def solver_step(self, x: torch.Tensor, t0: float, t1: float, z: torch.Tensor, cfg: float | torch.Tensor = 1.0,
                     guided: bool = False) -> torch.Tensor:
         """One Euler (or Heun) step of ``dx/dt = v`` from ``t0`` to ``t1``: ``x [N, C] -> [N, C]`` (``z`` and
-        guidance as :meth:`velocity`)."""
-        v = self.velocity(x, t0, z, cfg, guided)
+        guidance as :meth:`velocity`); the guidance mix and the update are :func:`visar.ops.flow_step`."""
+        x1, v = flow_step(x, self._raw_velocity(x, t0, z, guided), t1 - t0, cfg if guided else None)
         if self.solver == "heun":
-            x1 = x + (t1 - t0) * v
-            v = 0.5 * (v + self.velocity(x1, t1, z, cfg, guided))
-        return x + (t1 - t0) * v
+            x1, _ = flow_step(x, self._raw_velocity(x1, t1, z, guided), t1 - t0, cfg if guided else None, v_prev=v)
+        return x1
+
+    def _raw_velocity(self, x: torch.Tensor, t: float, z: torch.Tensor, guided: bool) -> torch.Tensor:
+        """The network's velocity at time ``t``: ``[N, C]``, or ``[2N, C]`` (``[cond; uncond]``, tokens shared)."""
+        tt = torch.full((z.shape[0],), t, device=z.device, dtype=x.dtype)
+        return self(torch.cat([x, x], dim=0) if guided else x, tt, z)
 
 
 HEADS = {"diffusion": DiffusionHead, "flow": FlowHead}
