@@ -93,6 +93,8 @@ def test_components_load_alone(tmp_path):
     assert sorted(os.listdir(tmp_path / "g")) == ["config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "g" / "config.json").read_text())
     assert cfg["vocab_size"] == pipe.generator.config["vocab_size"]  # constructor arguments at top level
+    # (folder, "generator") given the component folder itself (a saved draft for --draft) loads that folder
+    assert type(Generator.from_pretrained(tmp_path / "g", "generator")) is type(pipe.generator)
 
 
 def test_kl_tokenizer_folder_opens_with_diffusers(tmp_path):
