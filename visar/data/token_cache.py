@@ -262,7 +262,8 @@ def _encode_captions(text_encoder, unique: list[str], out: Path, index_path: Pat
 
     if not (out / CAPTIONS_FILE).is_file():
         atomic_write_bytes(out / CAPTIONS_FILE, json.dumps({"captions": unique}).encode())
-    if not (out / TEXT_ENCODER_DIR / "text_encoder.json").is_file():
+    # the encoder's description: config.json, or text_encoder.json in caches written before that layout
+    if not any((out / TEXT_ENCODER_DIR / name).is_file() for name in ("config.json", "text_encoder.json")):
         text_encoder.save_pretrained(out / TEXT_ENCODER_DIR)
     text_encoder = text_encoder.to(device).eval()
     shards = state["text_shards"]

@@ -24,9 +24,10 @@ The empty prompt ``""`` is a prompt like any other: it encodes to the encoder's 
 It is the encoder's *null* (what "no caption" encodes to); a model's classifier-free guidance uses its own
 null condition (LlamaGen: the learned unconditional caption, with the prompt's mask).
 
-Saving: :meth:`TextEncoder.save_pretrained` writes a component folder with ``text_encoder.json``
+Saving: :meth:`TextEncoder.save_pretrained` writes a component folder with ``config.json``
 (``{"format", "kind", "config", "reference"}``) and, for encoders whose weights visar owns (the tiny test
-encoder), ``text_encoder.safetensors``. Encoders whose weights come from elsewhere are saved as a
+encoder), ``model.safetensors``, as every other component folder (docs/saving.md); folders written before
+that layout (``text_encoder.json`` + ``text_encoder.safetensors``) still load. Encoders whose weights come from elsewhere are saved as a
 reference: the MiniLM encoder names its pip package, the T5 encoder its local folder.
 """
 from __future__ import annotations
@@ -47,6 +48,8 @@ from visar.conditions import Condition
 FORMAT = "visar-text-encoder"
 #: file stem of a saved encoder inside its component folder
 FILE_STEM = "text_encoder"
+#: the component-folder files (docs/saving.md), as for tokenizers and generators
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 EXTRA_HINT = 'pip install "visar[t2i]"'
 
 
@@ -203,7 +206,7 @@ class TextEncoder(nn.Module):
                           f"{' ...' if len(odd) > 3 else ''}", UserWarning, stacklevel=2)
 
     def describe(self) -> dict:
-        """``{"format", "kind", "config", "reference"}``: what ``text_encoder.json`` holds."""
+        """``{"format", "kind", "config", "reference"}``: what the folder's ``config.json`` holds."""
         return {"format": FORMAT, "kind": self.kind, "config": self.config(), "reference": self.reference()}
 
     def fingerprint(self) -> str:
@@ -216,14 +219,17 @@ class TextEncoder(nn.Module):
         return h.hexdigest()
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the component folder ``directory`` (``text_encoder.json`` [+ ``text_encoder.safetensors``])."""
+        """Write the component folder ``directory`` (``config.json`` [+ ``model.safetensors``]); files of the
+        older layout in it are removed so that one description remains."""
         from visar.utils.io import atomic_write_bytes, save_safetensors
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if self.saves_weights:
-            save_safetensors({k: v for k, v in self.state_dict().items()}, d / f"{FILE_STEM}.safetensors")
-        atomic_write_bytes(d / f"{FILE_STEM}.json", json.dumps(self.describe(), indent=1).encode())
+            save_safetensors({k: v for k, v in self.state_dict().items()}, d / WEIGHTS_FILE)
+        atomic_write_bytes(d / CONFIG_FILE, json.dumps(self.describe(), indent=1).encode())
+        for stale in (f"{FILE_STEM}.json", f"{FILE_STEM}.safetensors"):
+            (d / stale).unlink(missing_ok=True)
         return d
 
     def check_loaded(self, saved: dict, source: Path) -> None:
@@ -231,14 +237,15 @@ class TextEncoder(nn.Module):
 
 
 def load_text_encoder(directory: str | os.PathLike, device: str | torch.device = "cpu") -> TextEncoder:
-    """Rebuild a saved encoder from its component folder (``text_encoder.json`` [+ ``.safetensors``])."""
+    """Rebuild a saved encoder from its component folder (``config.json`` [+ ``model.safetensors``], or the
+    older ``text_encoder.json`` [+ ``text_encoder.safetensors``])."""
     from visar.registry import get, names
     from visar.utils.config import check_finite_state, read_json
 
     d = Path(directory)
-    path = d / f"{FILE_STEM}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{d} is not a saved visar text encoder (no {FILE_STEM}.json); write one with "
+    path, weights = description_files(d)
+    if path is None:
+        raise FileNotFoundError(f"{d} is not a saved visar text encoder (no {CONFIG_FILE}); write one with "
                                 "TextEncoder.save_pretrained")
     meta = read_json(path, "a visar text encoder description")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
@@ -253,12 +260,20 @@ def load_text_encoder(directory: str | os.PathLike, device: str | torch.device =
         from visar.utils.io import load_safetensors
         from visar.utils.state_dict import load_state_strict
 
-        weights = d / f"{FILE_STEM}.safetensors"
         state = load_safetensors(weights)
         check_finite_state(state, str(weights))
         load_state_strict(encoder, state, source=str(weights))
     encoder.check_loaded(meta.get("reference") or {}, path)
     return encoder.to(device).eval()
+
+
+def description_files(directory: Path) -> tuple[Path | None, Path]:
+    """``(description, weights)`` paths of a text-encoder folder: ``config.json`` + ``model.safetensors``, or
+    the older ``text_encoder.json`` + ``text_encoder.safetensors``; ``(None, ...)`` when neither is there."""
+    for config, weights in ((CONFIG_FILE, WEIGHTS_FILE), (f"{FILE_STEM}.json", f"{FILE_STEM}.safetensors")):
+        if (directory / config).is_file():
+            return directory / config, directory / weights
+    return None, directory / WEIGHTS_FILE
 
 
 def frozen(module: nn.Module) -> nn.Module:

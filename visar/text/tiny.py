@@ -64,7 +64,7 @@ class TinyTextEncoder(TextEncoder):
         return {"dim": self.dim, "max_length": self.max_length, "num_heads": self.num_heads}
 
     def reference(self) -> dict:
-        return {"weights": "text_encoder.safetensors"}
+        return {"weights": "model.safetensors"}
 
     def tokenize(self, prompts: list[str]) -> TokenizedPrompts:
         T = self.max_length
