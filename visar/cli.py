@@ -103,6 +103,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
+    if args.compile:
+        options["compile"] = True
     if args.sampler:
         pipe.sampler = pipe.resolve_sampler(args.sampler)
     options.update(sampler_model_options(pipe, args))
@@ -325,6 +327,8 @@ def cmd_t2i(args: argparse.Namespace) -> int:
     for name in ("cfg_scale", "temperature", "top_k", "top_p"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.compile:
+        options["compile"] = True
     used = effective_options(pipe, options)  # validated before anything is drawn or written
     width = max(5, len(str(entries[-1][0] + 1)))
 
@@ -445,6 +449,13 @@ def _version() -> str:
     return f"visar {visar.__version__} (torch {torch_version}, python {sys.version.split()[0]})"
 
 
+def compile_help() -> str:
+    """Help text of ``--compile`` (the sampler option's meaning, :data:`visar.samplers.options.MEANINGS`)."""
+    from visar.samplers.options import MEANINGS
+
+    return f"sampler option compile=True: {MEANINGS['compile']}; see docs/compile.md (default: off)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from visar.eval.cli import key_value_option  # the one KEY=VALUE (JSON value) parser of every CLI
 
@@ -481,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
                    help="any sampler option, e.g. --option num_steps=50; JSON values, repeatable, see "
                         "docs/architecture.md (default: none)")
+    s.add_argument("--compile", action="store_true", help=compile_help())
     s.add_argument("--batch-size", type=positive_int, default=32,
                    help="images per generate call; part of the seed rule (the same images need the same value)")
     s.add_argument("--nrow", type=positive_int, default=None, help="images per grid row (default: one per class)")
@@ -588,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleus filter in (0, 1], 1 = off (default: the sampler's)")
     g.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
                    help="any sampler option; JSON values, repeatable (default: none)")
+    g.add_argument("--compile", action="store_true", help=compile_help())
     g.add_argument("--batch-size", type=positive_int, default=1,
                    help="prompts per generate call (speed); part of the seed rule, so a resumed run must keep it")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

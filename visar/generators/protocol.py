@@ -50,8 +50,8 @@ class NextTokenModel(Protocol):
     Written once in :class:`visar.generators.components.token_cache_steps.CachedTokenSteps`, whose state
     (:class:`~visar.generators.components.token_cache_steps.NextTokenState`) carries ``batch``, ``guided``, ``rows``,
     ``cond_len`` and per-row ``lengths [R]``. It also offers ``decode_step(state, inputs [R, n, ...],
-    pos [R], attend_len=None)``, the unchecked step samplers' hot loops use (and ``compiled_step(mode)``,
-    its ``torch.compile``).
+    pos [R], attend_len=None)``, the unchecked step samplers' hot loops use (``attend_len=None``, the whole
+    cache, is the static-shape step ``compile=True`` compiles).
 
     Attributes:
         num_tokens: ``L`` image tokens.

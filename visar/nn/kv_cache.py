@@ -4,6 +4,12 @@ One tensor pair per layer (a single big tensor with per-layer slices makes a com
 whole cache on every call). Writes happen in place at explicit positions; nothing is ever grown with
 ``torch.cat``. Rolling back (speculative decoding) only lowers the committed lengths in
 :class:`CacheState`: entries beyond them are masked out by position and later overwritten.
+
+The tensors start zero-filled, not ``torch.empty``: a step over the whole cache (the checked ``step`` of
+next-token models, the compiled decode step, rows at different positions) reads entries nobody wrote yet,
+with attention weight 0, and ``0 * NaN`` is NaN. Recycled memory can hold NaN or inf (freed ``-inf``
+logits of a top-k filter, for one), so an empty cache would poison such steps. Stale entries of earlier
+writes are finite and therefore harmless.
 """
 from __future__ import annotations
 

@@ -28,12 +28,13 @@ from visar.generators.protocol import NextTokenModel
 from visar.nn.guidance import is_guided
 from visar.registry import register
 from visar.samplers.base import Sampler
+from visar.samplers.compiled import StepCompiler
 from visar.samplers.logits import cfg_mix, check_finite, process_logits, sample_categorical
 from visar.samplers.options import check_common, check_option_names
 
 #: the options of the loop and their defaults (LlamaGen's ``sample``)
 AR_DEFAULTS = dict(cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0, num_tokens=None,
-                   progress=False, compile=False, compile_mode=None)
+                   progress=False, compile=False)
 
 
 def check_cfg_interval(value: Any) -> int:
@@ -77,23 +78,26 @@ def draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 @torch.no_grad()
 def decode_tokens(model: Any, cond: Condition, generator: torch.Generator | None, cfg_scale: float,
                   cfg_interval: int, temperature: float, top_k: int, top_p: float, num_tokens: int,
-                  progress: bool = False, compile: bool = False, compile_mode: str | None = None,
-                  stats: dict | None = None, pick: Any = None) -> torch.Tensor:
+                  progress: bool = False, compile: bool = False, stats: dict | None = None,
+                  pick: Any = None) -> torch.Tensor:
     """The cached AR loop on validated options: ``LongTensor [B, num_tokens]`` in raster order.
 
     ``model`` is a logits-emitting :class:`NextTokenModel`. Models built on
     :class:`~visar.generators.components.token_cache_steps.CachedTokenSteps` run the unchecked ``decode_step``
-    attending to the written prefix only (or ``compiled_step`` over the whole cache when ``compile``);
-    any other implementation of the protocol runs its ``step``. ``stats`` (if given) receives
-    ``model_passes`` (the prefill counts 1) and ``tokens`` (image tokens drawn per row).
+    attending to the written prefix only, or with ``compile`` the same step compiled over the whole cache
+    (static shapes, :mod:`visar.samplers.compiled`); any other implementation of the protocol runs its
+    ``step``. ``stats`` (if given) receives ``model_passes`` (the prefill counts 1) and ``tokens`` (image
+    tokens drawn per row), and with ``compile`` ``compile_s`` / ``compiled_graphs``.
     """
     L = num_tokens
-    if compile and not hasattr(model, "compiled_step"):
-        raise TypeError(f"compile=True needs a model with compiled_step(mode); {type(model).__name__} has none")
+    fast = hasattr(model, "decode_step")
+    if compile and not fast:
+        raise TypeError(f"compile=True compiles the unchecked decode_step of cached next-token models "
+                        f"(CachedTokenSteps); {type(model).__name__} has none: sample with compile=False")
+    compiler = StepCompiler(next(model.parameters()).device, progress) if compile else None
     state, logits = model.start(cond, guided=is_guided(cfg_scale))  # logits [R, V]
     B, R = state.batch, state.rows
-    compiled = model.compiled_step(compile_mode) if compile else None
-    fast = hasattr(model, "decode_step")
+    compiled = compiler.function(model, type(model).decode_step, "decode step") if compile else None
 
     def step(fed: torch.Tensor, t: int) -> torch.Tensor:  # feed token t - 1 of every row: [R, 1, V]
         if compiled is not None:  # the whole cache (static shapes)
@@ -114,6 +118,8 @@ def decode_tokens(model: Any, cond: Condition, generator: torch.Generator | None
         out[:, t] = draw(guided, temperature, top_k, top_p, generator) if pick is None else pick(guided, t)
     if stats is not None:
         stats.update(model_passes=L, tokens=L)
+        if compiler is not None:
+            stats.update(compiler.stats)
     return out
 
 
@@ -126,11 +132,14 @@ class AutoregressiveSampler(Sampler):
         cfg_interval: LlamaGen's guidance interval (``-1``: guide every token).
         temperature: ``> 0``; top_k: ``>= 0`` (0 disables); top_p: in ``(0, 1]`` (1 disables).
         num_tokens: tokens to draw (``None``: the whole image).
-        progress: tqdm bar by token; compile: run the decode step through ``torch.compile`` (static
-            shapes: every step attends over the whole cache), with ``compile_mode``.
+        progress: tqdm bar by token.
+        compile: run the decode step through ``torch.compile`` (static shapes: every step attends over the
+            whole cache; :mod:`visar.samplers.compiled`).
 
     Returns ``LongTensor [B, grid, grid]`` for a whole image, ``[B, num_tokens]`` for a prefix.
-    ``stats``: ``model_passes`` (prefill + one per later token) and ``tokens`` (drawn per row).
+    ``stats``: ``model_passes`` (prefill + one per later token) and ``tokens`` (drawn per row); with
+    ``compile``, ``compile_s`` (seconds spent compiling in this call, 0 once the graph is cached) and
+    ``compiled_graphs``.
     """
 
     name = "autoregressive"
@@ -161,9 +170,9 @@ def sample_autoregressive_naive(model: Any, cond: Condition, generator: torch.Ge
     """Reference loop without a cache: every step recomputes the full teacher-forced pass over the prefix
     (``model.forward``). Same draws as :func:`sample_autoregressive` (for tests and benchmarks); ``[B, L]``.
 
-    Takes the sampler's options except ``progress``/``compile``/``compile_mode``.
+    Takes the sampler's options except ``progress``/``compile``.
     """
-    accepted = {k: v for k, v in AR_DEFAULTS.items() if k not in ("progress", "compile", "compile_mode")}
+    accepted = {k: v for k, v in AR_DEFAULTS.items() if k not in ("progress", "compile")}
     check_option_names(options, accepted, "sample_autoregressive_naive")
     o = {**accepted, **options}
     check_common(o)

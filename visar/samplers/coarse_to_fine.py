@@ -74,16 +74,19 @@ class CoarseToFineSampler(Sampler):
             conventions; guidance iff ``cfg_scale != 1``).
         temperature_fine, top_k_fine, top_p_fine, cfg_scale_fine: the fine stage.
         progress: tqdm bar over the coarse tokens.
+        compile: ``torch.compile`` the coarse stage's decode step (as the autoregressive sampler; the fine
+            stage is one pass and stays eager).
 
     There is no ``temperature``: CTF has two (``temperature_coarse``, ``temperature_fine``).
     Returns codeword ids ``LongTensor [B, grid, grid]``. ``stats``: ``model_passes`` (coarse + fine),
-    ``coarse_passes``, ``fine_passes``, ``tokens`` (per row).
+    ``coarse_passes``, ``fine_passes``, ``tokens`` (per row); with ``compile``, ``compile_s`` and
+    ``compiled_graphs``.
     """
 
     name = "coarse_to_fine"
     protocol = CoarseToFineModel
     defaults = dict(cfg_scale=1.0, temperature_coarse=1.0, temperature_fine=1.0, top_k=0, top_p=1.0,
-                    top_k_fine=0, top_p_fine=1.0, cfg_scale_fine=1.0, cfg_interval=-1, progress=False)
+                    top_k_fine=0, top_p_fine=1.0, cfg_scale_fine=1.0, cfg_interval=-1, progress=False, compile=False)
 
     @staticmethod
     def _no_single_temperature(options: dict[str, Any]) -> None:
@@ -113,11 +116,12 @@ class CoarseToFineSampler(Sampler):
         coarse = decode_tokens(model.coarse, cond, generator, cfg_scale=o["cfg_scale"],
                                cfg_interval=o["cfg_interval"], temperature=o["temperature_coarse"],
                                top_k=o["top_k"], top_p=o["top_p"], num_tokens=model.coarse.num_tokens,
-                               progress=o["progress"], stats=coarse_stats)  # [B, N]
+                               progress=o["progress"], compile=o["compile"], stats=coarse_stats)  # [B, N]
         fine = sample_fine(model, coarse, cond.labels.to(coarse.device), generator, o["temperature_fine"],
                            o["top_k_fine"], o["top_p_fine"], o["cfg_scale_fine"], stats=self.stats)
         self.stats.update(coarse_passes=coarse_stats["model_passes"], tokens=coarse_stats["tokens"],
                           model_passes=coarse_stats["model_passes"] + self.stats["fine_passes"])
+        self.stats.update({k: coarse_stats[k] for k in ("compile_s", "compiled_graphs") if k in coarse_stats})
         return fine.reshape(coarse.shape[0], model.grid_size, model.grid_size)
 
 

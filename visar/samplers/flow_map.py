@@ -137,7 +137,7 @@ class FlowMapSampler(AutoregressiveSampler):
     name = "flow_map"
     protocol = NextTokenModel
     emits = "logits"
-    defaults = {**{k: v for k, v in AR_DEFAULTS.items() if k not in ("compile", "compile_mode")},
+    defaults = {**{k: v for k, v in AR_DEFAULTS.items() if k != "compile"},
                 "codebook": None, "noise": None, "num_flow_steps": 16, "solver": "heun"}
 
     def validate(self, options: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ With the same seeds on CPU this reproduces the official samples (``tests/test_ma
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -31,18 +32,31 @@ from visar.generators.protocol import MaskedModel
 from visar.nn.guidance import is_guided
 from visar.registry import register
 from visar.samplers.base import Sampler
+from visar.samplers.compiled import StepCompiler, head_network
 from visar.samplers.heads import check_num_steps, sample_head
 from visar.samplers.options import check_positive_int
 
 #: the options and their defaults (``MaskedGenerator.sample`` before the sampler existed)
 MASKED_DEFAULTS = dict(num_iter=64, cfg_scale=1.0, cfg_schedule="linear", temperature=1.0, num_steps=None,
-                       orders=None, order_rng=None, final_noise=False, progress=False, x0_clip=MODEL_X0_CLIP)
+                       orders=None, order_rng=None, final_noise=False, progress=False, x0_clip=MODEL_X0_CLIP,
+                       compile=False)
 
 
 def masked_count(step: int, num_iter: int, num_tokens: int, remaining: int) -> int:
     """Tokens still masked after iteration ``step``: MAR's cosine schedule, clamped to ``[1, remaining - 1]``."""
     mask_len = int(np.floor(num_tokens * np.cos(math.pi / 2.0 * (step + 1) / num_iter)))
     return max(1, min(remaining - 1, mask_len))
+
+
+def most_tokens_per_iteration(num_iter: int, num_tokens: int) -> int:
+    """The largest number of tokens one iteration of :class:`MaskedSampler` draws per image (the schedule of
+    :func:`masked_count` does not depend on the orders)."""
+    remaining, most = num_tokens, 0
+    for step in range(num_iter):
+        mask_len = masked_count(step, num_iter, num_tokens, remaining)
+        most = max(most, remaining if step >= num_iter - 1 else remaining - mask_len)
+        remaining = mask_len
+    return most
 
 
 def generation_orders(batch: int, num_tokens: int, orders: torch.Tensor | None, order_rng: Any,
@@ -87,10 +101,14 @@ class MaskedSampler(Sampler):
         progress: tqdm bar by iteration.
         x0_clip: diffusion head's clamp of the predicted clean token: ``"model"`` (the model's setting),
             ``None`` (the official sampler) or a number > 0.
+        compile: ``torch.compile`` the diffusion head's network, its rows padded with zeros to the largest
+            iteration of the schedule (one graph; :mod:`visar.samplers.compiled`). The transformer pass stays
+            eager: its encoder sees only the visible tokens, a length that changes every iteration.
 
     Returns latents ``[B, C, h, w]``. ``stats``: ``rows_per_step`` (tokens drawn per iteration, all images),
     ``cfg_per_step`` (the guidance scale of each iteration), ``model_passes`` (transformer calls) and
-    ``head_calls`` (batched head chains), both ``num_iter``.
+    ``head_calls`` (batched head chains), both ``num_iter``; with ``compile``, ``compile_s`` and
+    ``compiled_graphs``.
     """
 
     name = "masked"
@@ -110,34 +128,42 @@ class MaskedSampler(Sampler):
     @torch.no_grad()
     def run(self, model: Any, cond: Condition, generator: torch.Generator | None, *, num_iter: int,
             cfg_scale: float, cfg_schedule: str, temperature: float, num_steps: int | None, orders, order_rng,
-            final_noise: bool, progress: bool, x0_clip: Any) -> torch.Tensor:
+            final_noise: bool, progress: bool, x0_clip: Any, compile: bool) -> torch.Tensor:
         L = model.num_tokens
         check_positive_int("num_iter", num_iter, 1, L)
         check_head_x0_clip(model.head, x0_clip)
         guided = is_guided(cfg_scale)
+        compiler = StepCompiler(next(model.parameters()).device, progress) if compile else None
+        net = head_network(model.head) if compile else None
         state = model.start(cond, guided)
         B, dev = state.batch, state.device
         orders = generation_orders(B, L, orders, order_rng, generator, dev)
         mask = torch.ones(B, L, dtype=torch.bool, device=dev)
         tokens = torch.zeros(B, L, model.token_dim, device=dev, dtype=state.dtype)
         self.stats = {"rows_per_step": [], "cfg_per_step": [], "model_passes": 0, "head_calls": 0}
-        for step in tqdm(range(num_iter), disable=not progress, desc="MAR"):
-            z = model.step(state, tokens, mask)  # [R, L, D]
-            mask_len = masked_count(step, num_iter, L, int(mask[0].sum()))
-            mask_next = mask_by_order(mask_len, orders)
-            to_pred = mask if step >= num_iter - 1 else mask & ~mask_next
-            mask = mask_next
-            z = z[torch.cat([to_pred, to_pred], dim=0) if guided else to_pred]  # (half, image, position)
-            cfg_iter = step_cfg(cfg_scale, cfg_schedule, mask_len, L, dev)
-            new = self.head_tokens(model.head, z, steps=num_steps, cfg=cfg_iter, temperature=temperature,
-                                   generator=generator, final_noise=final_noise, guided=guided, x0_clip=x0_clip)
-            self.stats["rows_per_step"].append(int(z.shape[0]))
-            self.stats["cfg_per_step"].append(float(cfg_iter))
-            self.stats["model_passes"] += 1
-            self.stats["head_calls"] += 1
-            tokens = tokens.clone()
-            tokens[to_pred] = new.to(tokens.dtype)
+        # the head network sees every row of an iteration at once: [cond; uncond] when guided
+        pad = most_tokens_per_iteration(num_iter, L) * B * (2 if guided else 1)
+        with compiler.patch(net, "forward", "diffusion head network", pad_rows=pad) if compile else \
+                contextlib.nullcontext():
+            for step in tqdm(range(num_iter), disable=not progress, desc="MAR"):
+                z = model.step(state, tokens, mask)  # [R, L, D]
+                mask_len = masked_count(step, num_iter, L, int(mask[0].sum()))
+                mask_next = mask_by_order(mask_len, orders)
+                to_pred = mask if step >= num_iter - 1 else mask & ~mask_next
+                mask = mask_next
+                z = z[torch.cat([to_pred, to_pred], dim=0) if guided else to_pred]  # (half, image, position)
+                cfg_iter = step_cfg(cfg_scale, cfg_schedule, mask_len, L, dev)
+                new = self.head_tokens(model.head, z, steps=num_steps, cfg=cfg_iter, temperature=temperature,
+                                       generator=generator, final_noise=final_noise, guided=guided, x0_clip=x0_clip)
+                self.stats["rows_per_step"].append(int(z.shape[0]))
+                self.stats["cfg_per_step"].append(float(cfg_iter))
+                self.stats["model_passes"] += 1
+                self.stats["head_calls"] += 1
+                tokens = tokens.clone()
+                tokens[to_pred] = new.to(tokens.dtype)
+        if compiler is not None:
+            self.stats.update(compiler.stats)
         return model.to_latents(tokens)
 
 
-__all__ = ["MaskedSampler", "MASKED_DEFAULTS", "masked_count", "generation_orders"]
+__all__ = ["MaskedSampler", "MASKED_DEFAULTS", "masked_count", "most_tokens_per_iteration", "generation_orders"]

@@ -33,6 +33,7 @@ from visar.generators.protocol import NextScaleModel
 from visar.nn.guidance import is_guided
 from visar.registry import register
 from visar.samplers.base import Sampler
+from visar.samplers.compiled import StepCompiler
 from visar.samplers.logits import check_finite, top_k_filter, top_p_filter_ascending
 from visar.samplers.options import check_positive_int
 
@@ -121,13 +122,15 @@ class NextScaleSampler(Sampler):
         record: if a dict, filled with ``labels`` and per-scale ``raw_logits`` ``[R, n_k, V]`` /
             ``cfg_logits`` / ``filtered_logits`` ``[B, n_k, V]``.
         edit_tokens, edit_mask: zero-shot editing, see :func:`edit`.
-        compile: ``torch.compile`` the cached per-scale step (one graph per scale).
+        compile: ``torch.compile`` the cached per-scale step (one graph per scale, cached per model;
+            :mod:`visar.samplers.compiled`).
         use_cache: ``False`` runs the naive baseline that recomputes the whole prefix at every scale.
         progress: tqdm bar by scale.
 
     Returns:
         list of ``LongTensor [B, pn_k, pn_k]`` (and ``f_hat`` if ``return_fhat``). ``stats``: ``model_passes``
-        (transformer calls, one per scale; each serves both CFG halves).
+        (transformer calls, one per scale; each serves both CFG halves); with ``compile``, ``compile_s`` and
+        ``compiled_graphs``.
     """
 
     name = "next_scale"
@@ -177,7 +180,13 @@ class NextScaleSampler(Sampler):
             if edit_tokens[0].shape[0] != B:
                 raise ValueError(f"edit_tokens hold {edit_tokens[0].shape[0]} images for {B} labels")
             edit_mask = check_edit_mask(edit_mask, B, q.latent_side, labels.device)
-        state = model.start(labels, guided=is_guided(cfg_scale) and S > 1, use_cache=use_cache, compile=compile)
+        compiler = StepCompiler(labels.device, progress) if compile else None
+        state = model.start(labels, guided=is_guided(cfg_scale) and S > 1, use_cache=use_cache)
+        if compiler is not None:
+            if not (hasattr(model, "forward_scale") and hasattr(state, "forward")):
+                raise TypeError(f"compile=True compiles VAR's cached per-scale step (forward_scale); "
+                                f"{type(model).__name__} has none: sample with compile=False")
+            state.forward = compiler.function(model, type(model).forward_scale, "scale step")
         f_hat = q.embedding.weight.new_zeros(B, q.dim, q.latent_side, q.latent_side)
         self.stats["model_passes"] = 0
         out = []
@@ -207,6 +216,8 @@ class NextScaleSampler(Sampler):
             nxt = q.accumulate(f_hat, k, h)  # [B, pn_{k+1}^2, Cvae] or None after the last scale
             if nxt is not None:
                 model.set_next_input(state, k + 1, nxt)
+        if compiler is not None:
+            self.stats.update(compiler.stats)
         return (out, f_hat) if return_fhat else out
 
 

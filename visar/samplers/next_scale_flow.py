@@ -27,6 +27,7 @@ from visar.generators.protocol import NextScaleModel
 from visar.nn.guidance import cfg_mix, is_guided, ramp
 from visar.registry import register
 from visar.samplers.base import Sampler
+from visar.samplers.compiled import StepCompiler
 
 
 def euler_time_grid(num_steps: int) -> torch.Tensor:
@@ -47,16 +48,20 @@ def euler_time_grid(num_steps: int) -> torch.Tensor:
 
 
 def euler_scale(model: Any, noise: torch.Tensor, z: torch.Tensor, grid: list[float], cfg: float, guided: bool,
-                low: float, high: float, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+                low: float, high: float, on_step: Callable[[], None] | None = None,
+                velocity: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Euler ODE of one scale from ``grid[0]`` to ``grid[-1]``; float64 state, head calls in ``z``'s dtype.
 
     Args:
         noise: ``[R, n, C]`` start (rows ``[cond; uncond]`` when ``guided``); z: ``[R, n, D]``.
         cfg: this scale's guidance; applied while ``low <= t <= high`` and ``cfg != 1``.
         on_step: called after every step (progress bars, counters).
+        velocity: the head call ``(x, t, z) -> [R, n, C]`` (default ``model.head_velocity``; the compiled
+            one with ``compile=True``).
     Returns:
         the float64 final state of all rows ``[R, n, C]``.
     """
+    velocity = model.head_velocity if velocity is None else velocity
     x = noise.to(torch.float64)
     B = x.shape[0] // 2
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
@@ -64,7 +69,7 @@ def euler_scale(model: Any, noise: torch.Tensor, z: torch.Tensor, grid: list[flo
         # inside the interval the head sees the conditional half twice; the state keeps both halves
         x_model = torch.cat([x[:B], x[:B]]) if in_interval else x
         t = torch.full((x.shape[0],), t_cur, dtype=torch.float64, device=x.device).float()
-        d = model.head_velocity(x_model, t, z).double()  # model in its dtype, the rest in float64
+        d = velocity(x_model, t, z).double()  # model in its dtype, the rest in float64
         if in_interval:
             d_c, d_u = d.chunk(2)
             d = cfg_mix(d_c, d_u, cfg)
@@ -89,16 +94,19 @@ class NextScaleFlowSampler(Sampler):
         callback: called after each scale with ``{"scale", "latents", "condition", "out", "cfg_scale"}``
             (noise ``[R, n, C]``, ``z [R, n, D]``, float64 final state of all rows, ``cfg_k``).
         progress: a tqdm bar over the Euler steps of all scales.
+        compile: ``torch.compile`` the flow head's velocity (one graph per scale;
+            :mod:`visar.samplers.compiled`).
 
     Returns ``[B, C, S, S]`` scaled latents in the model's dtype. ``stats``: ``model_passes`` (transformer
-    calls, one per scale) and ``head_passes`` (flow-head calls).
+    calls, one per scale) and ``head_passes`` (flow-head calls); with ``compile``, ``compile_s`` and
+    ``compiled_graphs``.
     """
 
     name = "next_scale_flow"
     protocol = NextScaleModel
     emits = "condition"
     defaults = dict(num_steps=25, cfg_scale=4.3, guidance_high=0.9, guidance_low=0.0, use_cache=True,
-                    callback=None, progress=False)
+                    callback=None, progress=False, compile=False)
 
     def validate(self, options: dict[str, Any]) -> None:
         euler_time_grid(options["num_steps"])
@@ -117,11 +125,13 @@ class NextScaleFlowSampler(Sampler):
     @torch.no_grad()
     def run(self, model: Any, cond: Condition, generator: torch.Generator | None, *, num_steps: int,
             cfg_scale: float, guidance_high: float, guidance_low: float, use_cache: bool,
-            callback: Callable[[dict], None] | None, progress: bool) -> torch.Tensor:
+            callback: Callable[[dict], None] | None, progress: bool, compile: bool) -> torch.Tensor:
         from tqdm.auto import tqdm
 
         grid = euler_time_grid(num_steps).tolist()
         guided = is_guided(cfg_scale)
+        compiler = StepCompiler(next(model.parameters()).device, progress) if compile else None
+        velocity = compiler.function(model, type(model).head_velocity, "flow head step") if compile else None
         state = model.start(cond, guided, use_cache=use_cache)
         dev, R, C, K = state.device, state.rows, model.in_channels, len(model.scales)
         noise_dev = generator.device if generator is not None else dev
@@ -138,12 +148,15 @@ class NextScaleFlowSampler(Sampler):
             self.stats["model_passes"] += 1
             noise = torch.randn(R, s * s, C, generator=generator, device=noise_dev).to(dev)
             cfg_k = ramp(cfg_scale, k, max(K - 1, 1))
-            out_rows = euler_scale(model, noise, z, grid, cfg_k, guided, guidance_low, guidance_high, on_step)
+            out_rows = euler_scale(model, noise, z, grid, cfg_k, guided, guidance_low, guidance_high, on_step,
+                                   velocity)
             if callback is not None:
                 callback({"scale": k, "latents": noise, "condition": z, "out": out_rows, "cfg_scale": cfg_k})
             if k + 1 < K:
                 model.set_next_input(state, k, out_rows[:state.batch])
         bar.close()
+        if compiler is not None:
+            self.stats.update(compiler.stats)
         return model.to_latents(out_rows[:state.batch])
 
 

@@ -15,6 +15,7 @@ as the only noise.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from visar.generators.protocol import NextXModel
 from visar.nn.guidance import cfg_mix, is_guided, ramp
 from visar.registry import register
 from visar.samplers.base import Sampler
+from visar.samplers.compiled import StepCompiler
 from visar.samplers.options import check_choice
 
 
@@ -71,13 +73,17 @@ class NextXSampler(Sampler):
         callback: called after every model call with ``{"entity", "step", "x", "time", "labels", "out"}``
             (the call's input ``[R, n, C]``, flow time, row labels ``[R]``, velocity ``[R, n_k, C]``).
         progress: a tqdm bar over the model calls.
+        compile: ``torch.compile`` the transformer call of ``model.velocity`` (two graphs per entity: its
+            first call also writes the previous entity into the cache; :mod:`visar.samplers.compiled`).
 
-    Returns ``[B, C, H, W]`` scaled latents in the model's dtype. ``stats``: ``model_passes``.
+    Returns ``[B, C, H, W]`` scaled latents in the model's dtype. ``stats``: ``model_passes``; with
+    ``compile``, ``compile_s`` and ``compiled_graphs``.
     """
 
     name = "next_x"
     protocol = NextXModel
-    defaults = dict(num_steps=40, cfg_scale=2.7, method="sde", use_cache=True, callback=None, progress=False)
+    defaults = dict(num_steps=40, cfg_scale=2.7, method="sde", use_cache=True, callback=None, progress=False,
+                    compile=False)
 
     def validate(self, options: dict[str, Any]) -> None:
         check_choice("method", options["method"], ("sde", "ode"))
@@ -88,7 +94,21 @@ class NextXSampler(Sampler):
     @torch.no_grad()
     def run(self, model: Any, cond: Condition, generator: torch.Generator | None, *, num_steps: int,
             cfg_scale: float, method: str, use_cache: bool, callback: Callable[[dict], None] | None,
-            progress: bool) -> torch.Tensor:
+            progress: bool, compile: bool) -> torch.Tensor:
+        if compile and not callable(getattr(type(model), "transformer", None)):
+            raise TypeError(f"compile=True compiles the transformer call of the velocity (xAR); "
+                            f"{type(model).__name__} has no transformer method: sample with compile=False")
+        compiler = StepCompiler(next(model.parameters()).device, progress) if compile else None
+        with compiler.patch(model, "transformer", "transformer step") if compile else contextlib.nullcontext():
+            out = self._sample(model, cond, generator, num_steps, cfg_scale, method, use_cache, callback, progress)
+        if compiler is not None:
+            self.stats.update(compiler.stats)
+        return out
+
+    def _sample(self, model: Any, cond: Condition, generator: torch.Generator | None, num_steps: int,
+                cfg_scale: float, method: str, use_cache: bool, callback: Callable[[dict], None] | None,
+                progress: bool) -> torch.Tensor:
+        """The sampling loop of :meth:`run` (its options, validated)."""
         from tqdm.auto import tqdm
 
         grid, ode = time_grid(num_steps, method), method == "ode"

@@ -12,6 +12,8 @@ One name per knob and one meaning across families (table in ``docs/architecture.
 ``num_steps``  denoising / ODE / SDE steps of a token head, per token, scale or entity
 ``num_iter``   masked (MAR) generation iterations
 ``progress``   show a tqdm bar (by step)
+``compile``    ``torch.compile`` the per-step function (:mod:`visar.samplers.compiled`); the first
+               call of each shape compiles (``stats["compile_s"]``)
 ============== =============================================================================
 
 Old or family-specific spellings fail with a message naming the right one (:data:`RENAMED`). Other
@@ -50,6 +52,15 @@ MEANINGS = {
     "num_steps": "denoising / ODE / SDE steps of the token head per token, scale or entity",
     "num_iter": "masked generation iterations (MAR)",
     "progress": "show a progress bar",
+    "compile": "torch.compile the per-step function over fixed shapes (CUDA graphs on CUDA); the first call "
+               "compiles (tens of seconds per graph on a CPU), later calls with the same shapes reuse it",
+}
+
+#: options only some samplers take -> why the others refuse them
+NOT_EVERYWHERE = {
+    "compile": "the compile option is not supported by {where}: only the families' default samplers "
+               "(autoregressive, coarse_to_fine, continuous_ar, next_scale, next_scale_flow, next_x, masked) "
+               "and flow_map_scale compile their step (docs/compile.md)",
 }
 
 
@@ -59,6 +70,8 @@ def check_option_names(given: Iterable[str], accepted: Iterable[str], where: str
     for name in given:
         if name in accepted:
             continue
+        if name in NOT_EVERYWHERE:
+            raise TypeError(NOT_EVERYWHERE[name].format(where=where))
         if name in RENAMED:
             new = RENAMED[name]
             if new in accepted:
@@ -137,14 +150,23 @@ def check_choice(name: str, value, choices: Iterable[str]) -> str:
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    """A boolean option (``compile``, ``progress``): exactly ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_common(options: dict) -> None:
     """Validate the shared knobs present in ``options`` (others are the sampler's business)."""
     checks = {"cfg_scale": check_cfg_scale, "temperature": check_temperature, "top_k": check_top_k,
-              "top_p": check_top_p, "cfg_schedule": lambda v: check_choice("cfg_schedule", v, ("constant", "linear"))}
+              "top_p": check_top_p, "cfg_schedule": lambda v: check_choice("cfg_schedule", v, ("constant", "linear")),
+              "compile": lambda v: check_flag("compile", v)}
     for name, fn in checks.items():
         if name in options and options[name] is not None:
             fn(options[name])
 
 
-__all__ = ["RENAMED", "ALIASES", "MEANINGS", "apply_aliases", "check_option_names", "check_cfg_scale", "check_temperature", "check_top_k",
-           "check_top_p", "check_positive_int", "check_choice", "check_common"]
+__all__ = ["RENAMED", "ALIASES", "MEANINGS", "NOT_EVERYWHERE", "apply_aliases", "check_option_names",
+           "check_cfg_scale", "check_temperature", "check_top_k", "check_top_p", "check_positive_int", "check_choice",
+           "check_flag", "check_common"]

@@ -19,7 +19,6 @@ down, nothing is copied: stale entries are masked by position and overwritten la
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +53,6 @@ class NextTokenState(StepState):
     def token_lengths(self) -> torch.Tensor:
         """Alias of :attr:`lengths`."""
         return self.lengths
-
-
-#: ``torch.compile``d ``decode_step`` per (class, mode); unbound, so no module keeps compiled state
-_COMPILED: dict = {}
 
 
 class CachedTokenSteps:
@@ -145,21 +140,14 @@ class CachedTokenSteps:
                     attend_len: int | None = None) -> torch.Tensor:
         """Unchecked :meth:`step` for samplers' hot loops: ``inputs [R, n, ...]`` on the cache's device at
         image positions ``pos [R]``. ``attend_len`` limits attention to the first cache entries (it must
-        exceed every written position); ``None`` attends over the whole cache (static shapes, for
-        ``torch.compile``). Returns ``[R, n, V or D]`` and sets committed lengths to ``pos + n``."""
+        exceed every written position); ``None`` attends over the whole cache (static shapes: what
+        ``compile=True`` compiles, :mod:`visar.samplers.compiled`). Returns ``[R, n, V or D]`` and sets
+        committed lengths to ``pos + n``."""
         n = inputs.shape[1]
         seq_pos = state.cond_len + pos[:, None] + torch.arange(n, device=pos.device)  # [R, n]
         h = self.trunk.extend(self.embed_inputs(inputs), seq_pos, state.cache, state.mask_table, attend_len)
         state.cache.lengths.copy_(seq_pos[:, -1] + 1)
         return self.emit(h)
-
-    def compiled_step(self, mode: str | None = None):
-        """``torch.compile`` of :meth:`decode_step` (one graph per batch/shape; call it with
-        ``attend_len=None`` so shapes stay static), bound to this model."""
-        key = (type(self), mode or "default")
-        if key not in _COMPILED:
-            _COMPILED[key] = torch.compile(type(self).decode_step, mode=mode, dynamic=False)
-        return functools.partial(_COMPILED[key], self)
 
 
 __all__ = ["NextTokenState", "CachedTokenSteps"]
