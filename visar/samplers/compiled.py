@@ -100,23 +100,30 @@ def check_compile_support(device: torch.device | str) -> None:
         raise RuntimeError(f"compile=True supports CPU and CUDA devices, not {dev.type!r}; sample with compile=False")
 
 
-def signature(obj: Any) -> Any:
+def signature(obj: Any, memo: dict | None = None) -> Any:
     """A hashable description of an argument: what ``torch.compile`` with ``dynamic=False`` specialises on.
 
     Tensors: shape, stride, dtype, device; modules: their buffers; dataclasses, lists, tuples, dicts: their
-    items; ``None``, bools, numbers and strings: their values; anything else: its type and identity."""
+    items; ``None``, bools, numbers and strings: their values; anything else: its type and identity.
+    ``memo`` (``{id: (module, signature)}``) describes each module once (a KV cache keeps its buffers'
+    shapes while it is filled; the memo holds the module, so its id is not reused)."""
     if isinstance(obj, torch.Tensor):
         return ("tensor", tuple(obj.shape), obj.stride(), obj.dtype, str(obj.device))
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return (type(obj).__name__, obj)
     if isinstance(obj, torch.nn.Module):
-        return (type(obj).__qualname__, tuple((n, signature(b)) for n, b in obj.named_buffers()))
+        if memo is not None and id(obj) in memo:
+            return memo[id(obj)][1]
+        sig = (type(obj).__qualname__, tuple((n, signature(b)) for n, b in obj.named_buffers()))
+        if memo is not None:
+            memo[id(obj)] = (obj, sig)
+        return sig
     if is_dataclass(obj) and not isinstance(obj, type):
-        return (type(obj).__qualname__, tuple((f.name, signature(getattr(obj, f.name))) for f in fields(obj)))
+        return (type(obj).__qualname__, tuple((f.name, signature(getattr(obj, f.name), memo)) for f in fields(obj)))
     if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__, tuple(signature(x) for x in obj))
+        return (type(obj).__name__, tuple(signature(x, memo) for x in obj))
     if isinstance(obj, dict):
-        return ("dict", tuple((k, signature(v)) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))))
+        return ("dict", tuple((k, signature(v, memo)) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))))
     return (type(obj).__qualname__, id(obj))
 
 
@@ -202,6 +209,7 @@ class StepCompiler:
         # the owner's parameters (dtype, device) are part of every key: model.to(...) gets new graphs
         params = tuple(sorted({(str(p.dtype), str(p.device)) for p in owner.parameters()})) \
             if isinstance(owner, torch.nn.Module) else ()
+        memo: dict = {}  # modules among the arguments (a KV cache) are described once per sampler call
 
         def call(*args: Any, **kwargs: Any) -> Any:
             n = None
@@ -210,7 +218,7 @@ class StepCompiler:
                 rows = max(pad_rows, n)
                 args = tuple(_pad_rows(a, rows) for a in args)
                 kwargs = {k: _pad_rows(v, rows) for k, v in kwargs.items()}
-            key = (fn.__qualname__, params, signature(args), signature(kwargs), self.backend, self.mode,
+            key = (fn.__qualname__, params, signature(args, memo), signature(kwargs, memo), self.backend, self.mode,
                    self._global_state())
             table = _TABLE.setdefault(owner, {})
             entry = table.get(key)
