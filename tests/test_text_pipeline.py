@@ -48,7 +48,7 @@ def test_save_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "p")
     meta = json.loads((tmp_path / "p" / "pipeline.json").read_text())
     assert meta["text_encoder"] == {"component": "text_encoder", "kind": "tiny"}
-    assert (tmp_path / "p" / "text_encoder" / "text_encoder.safetensors").is_file()  # visar owns tiny weights
+    assert (tmp_path / "p" / "text_encoder" / "model.safetensors").is_file()  # visar owns tiny weights
     back = Pipeline.from_pretrained(tmp_path / "p")
     assert isinstance(back.text_encoder, TinyTextEncoder) and back.sampling_defaults == {"cfg_scale": 3.0}
     assert torch.equal(back.generate(prompts=["red star"], seed=2), pipe.generate(prompts=["red star"], seed=2))
@@ -141,8 +141,8 @@ def test_official_t2i_checkpoint_runs_from_prompts(fixtures):
 def test_t5_reference_with_a_missing_folder_says_what_to_download(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "p")
     folder = tmp_path / "p" / "text_encoder"
-    (folder / "text_encoder.safetensors").unlink()
-    (folder / "text_encoder.json").write_text(json.dumps({
+    (folder / "model.safetensors").unlink()
+    (folder / "config.json").write_text(json.dumps({
         "format": "visar-text-encoder", "kind": "t5",
         "config": {"path": str(tmp_path / "t5-ckpt" / "flan-t5-xl"), "max_length": 12, "dtype": "bfloat16"},
         "reference": {}}))

@@ -552,19 +552,22 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill-data", help="(noise, teacher tokens) pairs for Distilled Decoding students "
                        "(task: distill), made with the teacher flow map", formatter_class=HelpFormatter)
     d.add_argument("--teacher", required=True,
-                   help="class-conditional next-token (LlamaGen) pipeline: bundled name or pipeline folder")
+                   help="class-conditional next-token (LlamaGen) or next-scale (VAR) pipeline: bundled name or "
+                        "pipeline folder")
     d.add_argument("--num", type=positive_int, required=True, help="number of pairs")
     d.add_argument("--out", required=True,
                    help="output folder (manifest.json + shards; re-running the same command resumes)")
     d.add_argument("--cfg-scale", type=float, default=None,
                    help="teacher guidance scale, 1 = none (default: the pipeline's stored default)")
-    d.add_argument("--temperature", type=float, default=None, help="teacher temperature > 0 (default: 1)")
+    d.add_argument("--temperature", type=float, default=None,
+                   help="teacher temperature > 0, next-token teachers only (default: 1)")
     d.add_argument("--top-k", type=int, default=None, help="teacher top-k, 0 = off (default: 0)")
     d.add_argument("--top-p", type=float, default=None, help="teacher top-p in (0, 1], 1 = off (default: 1)")
     d.add_argument("--num-flow-steps", type=positive_int, default=None,
                    help="Heun steps of the teacher map (default: 16, part of the teacher's definition)")
     d.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="another teacher-map option (cfg_interval, solver); JSON values, repeatable (default: none)")
+                   help="another teacher-map option (solver; next-token: cfg_interval); JSON values, repeatable "
+                        "(default: none)")
     d.add_argument("--labels", choices=["balanced", "random"], default="balanced",
                    help="class of pair i: i %% num_classes (balanced) or a hash of (seed, i) (random)")
     d.add_argument("--seed", type=non_negative_int, default=0,

@@ -32,6 +32,7 @@ MODULES = [
     "visar.generators.next_token.distilled",
     "visar.generators.masked.mar",
     "visar.generators.next_scale.var",
+    "visar.generators.next_scale.distilled",
     "visar.generators.next_scale.flowar",
     "visar.generators.next_x.xar",
     "visar.generators.coarse_to_fine.ctf",

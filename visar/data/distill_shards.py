@@ -2,10 +2,11 @@
 
 A folder holds (see ``docs/distillation.md``)::
 
-    manifest.json                   format "visar-distill-data", version 1; "settings" (teacher weights hash and
-                                    configs, teacher-map options, num, shard_size, seed, seed rule, label rule,
-                                    L, grid size, V, C, codebook hash); "num_shards", "complete" (and, for
-                                    information only, the teacher's path, batch size, processes, versions)
+    manifest.json                   format "visar-distill-data", version 2; "settings" (teacher weights hash and
+                                    configs, teacher kind, teacher-map options, num, shard_size, seed, seed rule,
+                                    label rule, L, grid size, scales, V, C, codebook hash); "num_shards",
+                                    "complete" (and, for information only, the teacher's path, batch size,
+                                    processes, versions)
     codebook.safetensors            codebook [V, C] float32: the vectors the teacher map used
     shard_00000.safetensors         noise [n, L, C] float32, tokens [n, L] int64, labels [n] int64
     shard_00001.safetensors         ... shard k holds pairs k * shard_size .. min(num, (k + 1) * shard_size) - 1
@@ -14,8 +15,13 @@ Pair ``i`` is ``(noise_i, tokens_i, label_i)``: the teacher map sends ``noise_i`
 ``label_i``; the noise and the label are pure functions of ``(seed, i)`` (the manifest states the rule).
 Shards are written atomically, so a shard file on disk is complete.
 
+``settings["kind"]`` is ``"next_token"`` (``L`` tokens in raster order, ``scales`` null) or ``"next_scale"``
+(VAR: all scales concatenated, scale 0 first and row-major within a scale, ``L = sum pn^2`` over
+``settings["scales"]``; the noise holds one vector per token in the same order). Version 1 folders (next-token
+only, written before VAR pairs existed) are read as ``kind: next_token, scales: null``.
+
 :class:`DistillShards` serves ``{"noise": [L, C] float32, "tokens": [L] int64, "label": int}`` items of a
-complete folder (all shards in memory: 2 KB per pair at L = 64, C = 8).
+complete folder (all shards in memory: 2.5 KB per pair at L = 64, C = 8; 9.4 KB at L = 130, C = 16).
 """
 from __future__ import annotations
 
@@ -29,7 +35,10 @@ import torch
 from visar.utils.io import load_safetensors
 
 FORMAT = "visar-distill-data"
-VERSION = 1
+#: the version written; :data:`READ_VERSIONS` are read (version 1: next-token pairs without ``kind`` / ``scales``)
+VERSION = 2
+READ_VERSIONS = (1, 2)
+KINDS = ("next_token", "next_scale")
 MANIFEST_NAME = "manifest.json"
 CODEBOOK_NAME = "codebook.safetensors"
 
@@ -44,7 +53,8 @@ def num_shards(num: int, shard_size: int) -> int:
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a distill-data folder (checked: format and version)."""
+    """The manifest of a distill-data folder (checked: format and version). A version 1 manifest comes back in
+    the current form: ``settings`` gains ``kind: "next_token"`` and ``scales: None``, ``version`` is 2."""
     p = Path(path) / MANIFEST_NAME
     if not p.is_file():
         raise FileNotFoundError(f"{Path(path)} is not a distill-data folder (no {MANIFEST_NAME}); make one with "
@@ -55,8 +65,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ValueError(f"{p} is not valid JSON ({e}); delete the folder and make the data again") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("settings"), dict):
         raise ValueError(f"{p} is not a {FORMAT} manifest")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{p} has version {meta.get('version')!r}; this visar reads version {VERSION}")
+    if meta.get("version") not in READ_VERSIONS:
+        raise ValueError(f"{p} has version {meta.get('version')!r}; this visar reads versions "
+                         f"{', '.join(map(str, READ_VERSIONS))}")
+    if meta["version"] == 1:  # next-token pairs in the same layout; the fields added in version 2 had one value
+        meta = {**meta, "version": VERSION, "settings": {**meta["settings"], "kind": "next_token", "scales": None}}
+    if meta["settings"].get("kind") not in KINDS:
+        raise ValueError(f"{p}: settings.kind must be one of {KINDS}, got {meta['settings'].get('kind')!r}")
     return meta
 
 
@@ -89,10 +104,11 @@ class DistillShards(torch.utils.data.Dataset):
         self.codebook = load_safetensors(self.path / CODEBOOK_NAME)["codebook"]
 
     def check_student(self, student: Any) -> None:
-        """Raise unless ``student`` models these pairs: vocabulary, tokens per image and codebook."""
+        """Raise unless ``student`` models these pairs: vocabulary, tokens per image, scales and codebook."""
         s = self.manifest["settings"]
         for what, mine, theirs in (("vocab_size", s["vocab_size"], getattr(student, "vocab_size", None)),
                                    ("num_tokens", s["num_tokens"], getattr(student, "num_tokens", None)),
+                                   ("scales", s.get("scales"), getattr(student, "scales", None)),
                                    ("codebook_dim", s["codebook_dim"], getattr(student, "codebook_dim", None))):
             if mine != theirs:
                 raise ValueError(f"distill data {self.path} has {what}={mine} but the student has {theirs}: build the "
@@ -108,5 +124,5 @@ class DistillShards(torch.utils.data.Dataset):
         return {"noise": self.noise[index], "tokens": self.tokens[index], "label": int(self.labels[index])}
 
 
-__all__ = ["FORMAT", "VERSION", "MANIFEST_NAME", "CODEBOOK_NAME", "shard_name", "num_shards", "read_manifest",
-           "DistillShards"]
+__all__ = ["FORMAT", "VERSION", "READ_VERSIONS", "KINDS", "MANIFEST_NAME", "CODEBOOK_NAME", "shard_name", "num_shards",
+           "read_manifest", "DistillShards"]

@@ -1,9 +1,13 @@
 """``visar distill-data``: (noise, teacher tokens) pairs for Distilled Decoding, made with the teacher map.
 
 Distilled Decoding (Liu et al. 2024, arXiv 2412.17153) trains a student on pairs ``(eps, q)`` where ``q`` is
-what the teacher's flow map (:class:`~visar.samplers.flow_map.FlowMapSampler`: CFG, temperature, top-k and
-top-p baked in, Heun with 16 steps by default) makes of the noise sequence ``eps [L, C]``. No training images
-are needed: one teacher generation per pair.
+what the teacher's flow map makes of the noise sequence ``eps [L, C]`` (guidance and filters baked in, Heun with
+16 steps by default). No training images are needed: one teacher generation per pair. The teacher map follows
+the teacher's kind:
+
+* next-token (LlamaGen): :class:`~visar.samplers.flow_map.FlowMapSampler`, ``L`` tokens in raster order;
+* next-scale (VAR): :class:`~visar.samplers.flow_map.NextScaleFlowMapSampler`, ``L = sum pn^2`` tokens of all
+  scales concatenated (scale 0 first), the noise in the same order.
 
 The protocol follows :mod:`visar.eval.sampling` (its seed and label helpers are reused):
 
@@ -36,13 +40,16 @@ from visar.data.distill_shards import (CODEBOOK_NAME, FORMAT, MANIFEST_NAME, VER
 from visar.eval.io import remove_stale_temporaries
 from visar.eval.sampling import LABEL_MODES, _hash63, _make_accelerator, _resolve_pipeline, labels_range, \
     weights_state_sha256
-from visar.samplers.flow_map import FlowMapSampler, codebook_of
+from visar.generators.protocol import NextScaleModel
+from visar.samplers.flow_map import FlowMapSampler, NextScaleFlowMapSampler, codebook_of
 from visar.utils.io import atomic_write_bytes, save_safetensors
 
 log = logging.getLogger("visar.train")
 
-#: the teacher-map options recorded in the manifest (the flow-map sampler's; the rest it sets itself)
+#: the teacher-map options recorded in the manifest (the flow-map sampler's; the rest it sets itself), per kind
 TEACHER_OPTIONS = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "num_flow_steps", "solver")
+#: VAR's teacher map (:class:`NextScaleFlowMapSampler`): VAR's guidance ramp and filters, no temperature
+NEXT_SCALE_TEACHER_OPTIONS = ("cfg_scale", "top_k", "top_p", "num_flow_steps", "solver")
 
 SEED_RULE = ("pair i: label = visar.eval.sampling.labels_range(labels, i, i + 1, num_classes, seed)[0] "
              "(balanced: i % num_classes; random: a hash of (seed, i)); noise = torch.randn(L, C, "
@@ -50,6 +57,11 @@ SEED_RULE = ("pair i: label = visar.eval.sampling.labels_range(labels, i, i + 1,
              "sha256(f'visar-distill:{seed}:{i}')[:8], 'little') >> 1; tokens = FlowMapSampler(options) of that "
              "noise for that label with the teacher (codebook: the tokenizer's codebook(), stored in "
              "codebook.safetensors)")
+#: the seed rule of next-scale (VAR) teachers: the same labels and noise, over all scales' tokens
+NEXT_SCALE_SEED_RULE = (SEED_RULE.replace("FlowMapSampler(options)", "NextScaleFlowMapSampler(options)")
+                        .replace("the tokenizer's codebook()", "the quantizer's embedding.weight")
+                        + "; L = sum of pn^2 over the scales, the noise and tokens of the scales concatenated coarse "
+                        "to fine (scale 0 first, row-major within a scale)")
 
 
 def pair_seed(seed: int, index: int) -> int:
@@ -82,15 +94,44 @@ def _check_args(num: Any, seed: Any, shard_size: Any, batch_size: Any, labels: A
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
 
 
-def teacher_options(pipe: Any, sampler: FlowMapSampler, codebook: torch.Tensor, options: dict) -> dict:
+def teacher_kind(generator: Any) -> str:
+    """``"next_scale"`` for a VAR-like teacher (the :class:`NextScaleModel` protocol, emitting logits), else
+    ``"next_token"``."""
+    if isinstance(generator, NextScaleModel) and getattr(generator, "emits", None) == "logits":
+        return "next_scale"
+    return "next_token"
+
+
+def teacher_sampler(generator: Any) -> FlowMapSampler | NextScaleFlowMapSampler:
+    """The teacher-map sampler of ``generator``'s kind, checked against it."""
+    sampler = NextScaleFlowMapSampler() if teacher_kind(generator) == "next_scale" else FlowMapSampler()
+    sampler.check_model(generator)
+    return sampler
+
+
+def teacher_options(pipe: Any, sampler: FlowMapSampler | NextScaleFlowMapSampler, codebook: torch.Tensor,
+                    options: dict) -> dict:
     """The teacher-map options really used: the call's over the pipeline's stored defaults (e.g. the bundled
-    model's cfg) over the flow-map sampler's; validated. Only :data:`TEACHER_OPTIONS` may be given."""
-    other = sorted(set(options) - set(TEACHER_OPTIONS))
+    model's cfg) over the flow-map sampler's; validated. Only :data:`TEACHER_OPTIONS` (next-token) or
+    :data:`NEXT_SCALE_TEACHER_OPTIONS` (VAR) may be given."""
+    scale = isinstance(sampler, NextScaleFlowMapSampler)
+    allowed = NEXT_SCALE_TEACHER_OPTIONS if scale else TEACHER_OPTIONS
+    other = sorted(set(options) - set(allowed))
     if other:
-        raise ValueError(f"distill-data takes the teacher-map options {', '.join(TEACHER_OPTIONS)}; it sets "
-                         f"{', '.join(other)} itself or does not use them")
-    resolved = sampler.resolve({**pipe.options_for(sampler, options), "codebook": codebook})
-    return {k: resolved[k] for k in TEACHER_OPTIONS}
+        raise ValueError(f"distill-data takes the teacher-map options {', '.join(allowed)} for this "
+                         f"{'next-scale' if scale else 'next-token'} teacher; it sets {', '.join(other)} itself or "
+                         "does not use them")
+    extra = {} if scale else {"codebook": codebook}  # the VAR map reads the bound quantizer's codebook
+    resolved = sampler.resolve({**pipe.options_for(sampler, options), **extra})
+    return {k: resolved[k] for k in allowed}
+
+
+def flat_tokens(tokens: Any, batch: int, num_tokens: int) -> torch.Tensor:
+    """A teacher sampler's tokens (``[B, h, w]``, or VAR's list of ``[B, pn, pn]``) -> ``LongTensor [B, L]`` on
+    the CPU, scales concatenated coarse to fine."""
+    if isinstance(tokens, (list, tuple)):
+        tokens = torch.cat([t.reshape(batch, -1) for t in tokens], 1)
+    return tokens.reshape(batch, num_tokens).long().cpu()
 
 
 def make_distill_data(teacher: Any, out_dir: str | os.PathLike, num: int, *, seed: int = 0, shard_size: int = 1024,
@@ -100,7 +141,8 @@ def make_distill_data(teacher: Any, out_dir: str | os.PathLike, num: int, *, see
 
     Args:
         teacher: a :class:`visar.Pipeline` of a class-conditional next-token model (LlamaGen) with its VQ
-            tokenizer, a bundled model name (``shapes-llamagen``) or a pipeline folder.
+            tokenizer or of a VAR model with its multi-scale tokenizer, a bundled model name
+            (``shapes-llamagen``) or a pipeline folder.
         out_dir: output folder; re-using it resumes (same settings) or is refused (other settings).
         num: number of pairs.
         seed: seed of the set (see :data:`SEED_RULE`).
@@ -111,8 +153,9 @@ def make_distill_data(teacher: Any, out_dir: str | os.PathLike, num: int, *, see
         accelerator: an ``accelerate.Accelerator``; ``None``: one is made when launched distributed
             (``WORLD_SIZE > 1``), else this process does everything.
         **options: teacher-map options (:data:`TEACHER_OPTIONS`: ``cfg_scale``, ``cfg_interval``,
-            ``temperature``, ``top_k``, ``top_p``, ``num_flow_steps``, ``solver``); unset ones come from the
-            pipeline's stored defaults, then the sampler's.
+            ``temperature``, ``top_k``, ``top_p``, ``num_flow_steps``, ``solver``; VAR:
+            :data:`NEXT_SCALE_TEACHER_OPTIONS`); unset ones come from the pipeline's stored defaults, then the
+            sampler's.
     """
     _check_args(num, seed, shard_size, batch_size, labels)
     from visar.utils.io import check_writable_dir, inside_package
@@ -124,21 +167,25 @@ def make_distill_data(teacher: Any, out_dir: str | os.PathLike, num: int, *, see
     rank, world = acc.process_index, acc.num_processes
     pipe, name, folder, file_hashes = _resolve_pipeline(teacher, acc.device)
     gen = pipe.generator
-    sampler = FlowMapSampler()
-    sampler.check_model(gen)
+    sampler = teacher_sampler(gen)
+    kind = teacher_kind(gen)
     if getattr(gen, "text_conditional", False) or not getattr(gen, "num_classes", 0):
         raise ValueError(f"distill-data needs a class-conditional teacher; {name} is not")
     codebook = codebook_of(pipe.tokenizer).float().cpu()
     V, C = codebook.shape
-    L, K = int(gen.num_tokens), int(gen.num_classes)
+    scales = [int(pn) for pn in gen.scales] if kind == "next_scale" else None
+    L = sum(pn * pn for pn in scales) if scales else int(gen.num_tokens)
+    K = int(gen.num_classes)
     opts = teacher_options(pipe, sampler, codebook, options)
 
     import visar
 
     settings = {"teacher_sha256": weights_state_sha256(pipe), "teacher_generator": gen.config_dict(),
                 "teacher_tokenizer": pipe.tokenizer.config_dict(), "options": opts, "num": num,
-                "shard_size": shard_size, "seed": seed, "labels": labels, "num_classes": K, "seed_rule": SEED_RULE,
-                "num_tokens": L, "grid_size": int(getattr(gen, "grid_size", 0)), "vocab_size": int(V),
+                "shard_size": shard_size, "seed": seed, "labels": labels, "num_classes": K,
+                "seed_rule": NEXT_SCALE_SEED_RULE if scales else SEED_RULE, "kind": kind, "num_tokens": L,
+                "grid_size": scales[-1] if scales else int(getattr(gen, "grid_size", 0)), "scales": scales,
+                "vocab_size": int(V),
                 "codebook_dim": int(C), "codebook_sha256": _sha256_tensor(codebook)}
     settings = json.loads(json.dumps(settings))  # as it reads back from disk (tuples -> lists)
     n_shards = num_shards(num, shard_size)
@@ -185,8 +232,9 @@ def make_distill_data(teacher: Any, out_dir: str | os.PathLike, num: int, *, see
         for s in range(0, b - a, batch_size):
             e = min(b - a, s + batch_size)
             cond = Condition(labels=classes[s:e].to(device))
-            q = sampler(gen, cond, None, noise=noise[s:e].to(device), codebook=codebook.to(device), **opts)
-            tokens.append(q.reshape(e - s, L).long().cpu())
+            extra = {} if kind == "next_scale" else {"codebook": codebook.to(device)}
+            q = sampler(gen, cond, None, noise=noise[s:e].to(device), **extra, **opts)
+            tokens.append(flat_tokens(q, e - s, L))
             bar.update(e - s)
         save_safetensors({"noise": noise, "tokens": torch.cat(tokens), "labels": classes.long()},
                          out / shard_name(k), metadata={"format": FORMAT, "index": str(k), "start": str(a)})
@@ -231,5 +279,6 @@ def launch(num_processes: int = 1, threads: int = 0, **kwargs: Any) -> dict:
     return read_manifest(Path(kwargs["out_dir"]))
 
 
-__all__ = ["SEED_RULE", "TEACHER_OPTIONS", "pair_seed", "pair_noise", "teacher_options", "make_distill_data",
+__all__ = ["SEED_RULE", "NEXT_SCALE_SEED_RULE", "TEACHER_OPTIONS", "NEXT_SCALE_TEACHER_OPTIONS", "pair_seed",
+           "pair_noise", "teacher_kind", "teacher_sampler", "teacher_options", "flat_tokens", "make_distill_data",
            "launch"]
