@@ -622,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--names", action="store_true", help="names only, one per line (no table)")
     m.set_defaults(func=cmd_models)
 
-    sub.add_parser("train", help="train from a YAML config on Accelerate (visar train CONFIG.yaml --help)", add_help=False)
+    sub.add_parser("train", help="train from a YAML config on Accelerate, or run a multi-stage recipe (recipes/*.yaml) "
+                   "(visar train CONFIG.yaml --help)", add_help=False)
     sub.add_parser("eval", help="sharded sampling, FID/IS/KID/PR, shapes metrics (visar eval --help)", add_help=False)
     return p
 

@@ -8,7 +8,10 @@ Layout of ``<output_dir>/checkpoints/step_00000100/``::
                           read with weights_only=True
     meta.json             step, task, model class + config, the full training config (written last)
 
-A checkpoint is *complete* when a folder named ``step_*`` holds all four files. The folder is first
+A *sharded* checkpoint (``train.fsdp.state_dict: sharded``) holds ``sharded/`` (every rank's shards of the
+model, EMA and optimizer, written with ``torch.distributed.checkpoint``) instead of the two ``.safetensors``
+files. A checkpoint is *complete* when a folder named ``step_*`` holds all four files (sharded: ``sharded/``
+with its ``.metadata``, ``trainer_state.pt`` and ``meta.json``). The folder is first
 written as ``.tmp-step_*`` and renamed only when every file is on disk, then ``latest`` is updated,
 and only then are older checkpoints beyond ``keep`` removed: an interrupted write leaves the previous
 checkpoint intact and a stale ``.tmp-*`` folder that the next save removes. Resuming scans the folder
@@ -60,10 +63,24 @@ def _fsync_dir(path: Path) -> None:
 FILES = ("model.safetensors", "ema.safetensors", "trainer_state.pt", "meta.json")
 
 
+#: a sharded checkpoint's folder of shards, and the file that ``torch.distributed.checkpoint`` writes last there
+SHARDED_DIR, SHARDED_DONE = "sharded", ".metadata"
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint (``sharded/`` instead of the ``.safetensors`` files)."""
+    return (Path(path) / SHARDED_DIR / SHARDED_DONE).is_file()
+
+
 def is_complete(path: Path) -> bool:
-    """Whether ``path`` is a finished checkpoint: a ``step_*`` folder holding every file of :data:`FILES`."""
+    """Whether ``path`` is a finished checkpoint: a ``step_*`` folder holding every file of :data:`FILES`
+    (or, sharded, its shards, ``trainer_state.pt`` and ``meta.json``)."""
     path = Path(path)
-    return path.is_dir() and path.name.startswith(PREFIX) and all((path / f).is_file() for f in FILES)
+    if not (path.is_dir() and path.name.startswith(PREFIX)):
+        return False
+    if all((path / f).is_file() for f in FILES):
+        return True
+    return is_sharded(path) and all((path / f).is_file() for f in ("trainer_state.pt", "meta.json"))
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -106,16 +123,34 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_state: dict[str, t
                     ema_state: dict[str, torch.Tensor], trainer_state: dict[str, Any], meta: dict,
                     keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically under ``root`` and prune to the newest ``keep`` complete ones."""
+    tmp = begin_checkpoint(root, step)
+    return finish_checkpoint(root, tmp, step, trainer_state, meta, keep, model_state, ema_state)
+
+
+def begin_checkpoint(root: str | os.PathLike, step: int, shared: bool = False) -> Path:
+    """Remove leftovers of interrupted saves under ``root`` and create the temporary folder of checkpoint
+    ``step`` (named after this process, or with ``shared`` the same name for every rank, which then all
+    write their shards into it). Returns that folder."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # leftovers of an interrupted save
         shutil.rmtree(stale, ignore_errors=True)
-    name = step_dir_name(step)
-    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp = root / f".tmp-{step_dir_name(step)}-{'shared' if shared else os.getpid()}"
     tmp.mkdir()
+    return tmp
+
+
+def finish_checkpoint(root: str | os.PathLike, tmp: Path, step: int, trainer_state: dict[str, Any], meta: dict,
+                      keep: int = 2, model_state: dict[str, torch.Tensor] | None = None,
+                      ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the weights (unless the shards are already in ``tmp``), ``trainer_state.pt`` and ``meta.json``
+    (last) into ``tmp``, rename it to ``step_*``, point ``latest`` at it and prune to ``keep`` checkpoints."""
+    root = Path(root)
+    name = step_dir_name(step)
     try:
-        save_safetensors(model_state, tmp / "model.safetensors")
-        save_safetensors(ema_state, tmp / "ema.safetensors")
+        if model_state is not None:
+            save_safetensors(model_state, tmp / "model.safetensors")
+            save_safetensors(ema_state, tmp / "ema.safetensors")
         buf = io.BytesIO()
         torch.save(trainer_state, buf)
         atomic_write_bytes(tmp / "trainer_state.pt", buf.getvalue())
@@ -139,15 +174,17 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_state: dict[str, t
     return final
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict, dict]:
-    """``(meta, model_state, ema_state, trainer_state)`` of a complete checkpoint folder (no pickled code)."""
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict | None, dict | None, dict]:
+    """``(meta, model_state, ema_state, trainer_state)`` of a complete checkpoint folder (no pickled code);
+    a sharded checkpoint gives ``None`` for the two states (see :func:`visar.train.fsdp.load_sharded`)."""
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete visar checkpoint (a step_* folder with meta.json); "
                                 "checkpoints are written under <output_dir>/checkpoints")
     meta = json.loads((path / "meta.json").read_text())
-    model_state = load_safetensors(path / "model.safetensors")
-    ema_state = load_safetensors(path / "ema.safetensors")
+    sharded = not (path / "model.safetensors").is_file()
+    model_state = None if sharded else load_safetensors(path / "model.safetensors")
+    ema_state = None if sharded else load_safetensors(path / "ema.safetensors")
     try:
         trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:

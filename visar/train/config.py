@@ -22,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 def task_names() -> list[str]:
@@ -128,6 +128,30 @@ class SampleConfig:
     options: dict = field(default_factory=dict)
 
 
+#: values of ``train.fsdp.sharding`` and ``train.fsdp.state_dict``
+FSDP_SHARDING = ("full", "shard_grad_op", "no_shard")
+FSDP_STATE_DICTS = ("full", "sharded")
+
+
+@dataclass
+class FSDPConfig:
+    """Sharded data parallelism (torch FSDP2 ``fully_shard`` over the processes Accelerate starts; see
+    :mod:`visar.train.fsdp`). Off by default (plain DDP).
+
+    ``sharding``: ``full`` (parameters, gradients and optimizer state sharded; parameters gathered for each
+    block's forward and again for its backward, ZeRO-3), ``shard_grad_op`` (kept gathered between forward and
+    backward, ZeRO-2-like: more memory, less communication) or ``no_shard`` (replicated, DDP-like).
+    ``state_dict``: ``full`` (checkpoints gathered into the usual single-file format, rank 0 writes them; any
+    number of processes, with or without FSDP, can resume them) or ``sharded`` (every rank writes its own
+    shards with ``torch.distributed.checkpoint``; no rank ever holds the whole model; resumable on another
+    number of processes). Exports are always whole models.
+    """
+
+    enabled: bool = False
+    sharding: str = "full"
+    state_dict: str = "full"
+
+
 @dataclass
 class LoopConfig:
     """The loop. ``batch_size`` is the global batch of one optimizer step (all processes, all
@@ -151,6 +175,8 @@ class LoopConfig:
     threads: int = 0
     #: wall-clock budget in minutes (0: none); when spent, the run checkpoints, exports and stops early
     max_minutes: float = 0.0
+    #: sharded training (FSDP2); off: DDP as before
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -267,8 +293,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Semantic checks that need more than types (choices, ranges, paths)."""
+def exists_or_pending(path: str | os.PathLike, pending: Sequence[str | os.PathLike], file: bool = False) -> bool:
+    """Whether ``path`` exists (a file if ``file``), or lies in (or is) a folder of ``pending``: the outputs of
+    earlier stages of a recipe, checked before those stages have run."""
+    p = Path(path)
+    if p.is_file() if file else p.exists():
+        return True
+    here = Path(os.path.normpath(p.absolute()))
+    for q in pending:
+        q = Path(os.path.normpath(Path(q).absolute()))
+        if here == q or q in here.parents:
+            return True
+    return False
+
+
+def validate(cfg: TrainConfig, will_exist: Sequence[str | os.PathLike] = ()) -> TrainConfig:
+    """Semantic checks that need more than types (choices, ranges, paths). ``will_exist``: folders that do
+    not exist yet but will when the run starts (a recipe's earlier stages); paths inside them pass."""
     t, d, o = cfg.train, cfg.data, cfg.optim
     tasks = task_names()
     if cfg.task not in tasks:
@@ -282,7 +323,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not cfg.model.init_from.endswith(".safetensors"):
             raise ConfigError(f"config key model.init_from must name a .safetensors file (e.g. an export's "
                               f"tokenizer.safetensors), got {cfg.model.init_from!r}")
-        if not Path(cfg.model.init_from).is_file():
+        if not exists_or_pending(cfg.model.init_from, will_exist, file=True):
             raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist (run the training that "
                               "writes it first, or pass model.init_from=path/to/weights.safetensors)")
     if cfg.model.init_exclude and not cfg.model.init_from:
@@ -306,7 +347,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if d.kind in ("folder", "token_cache", "distill_shards"):
         if not d.path:
             raise ConfigError(f"config key data.path is required for data.kind={d.kind}")
-        if not Path(d.path).exists():
+        if not exists_or_pending(d.path, will_exist):
             hint = {"token_cache": " (write it with visar.data.token_cache.build_token_cache)",
                     "distill_shards": " (write it with `visar distill-data --teacher PIPELINE_DIR --num N --out DIR`)"}
             raise ConfigError(f"dataset path data.path={d.path} does not exist" + hint.get(d.kind, ""))
@@ -320,7 +361,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not cfg.tokenizer.path:
             raise ConfigError("task=generator needs tokenizer.path: a folder with the frozen tokenizer "
                               "(tokenizer.json + tokenizer.safetensors)")
-        if not (Path(cfg.tokenizer.path) / f"{cfg.tokenizer.name}.json").is_file():
+        if not exists_or_pending(Path(cfg.tokenizer.path) / f"{cfg.tokenizer.name}.json", will_exist, file=True):
             raise ConfigError(f"tokenizer.path={cfg.tokenizer.path} holds no {cfg.tokenizer.name}.json "
                               "(train the tokenizer first; its export folder is what to give)")
     if d.cache and d.kind != "shapes":
@@ -333,6 +374,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("train.steps, train.batch_size and train.grad_accum must be >= 1")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"config key train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
+    _check_fsdp(cfg)
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"config key train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.keep_checkpoints < 1:
@@ -354,6 +396,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _check_fsdp(cfg: TrainConfig) -> None:
+    f = cfg.train.fsdp
+    if f.sharding not in FSDP_SHARDING:
+        raise ConfigError(f"config key train.fsdp.sharding must be one of {', '.join(FSDP_SHARDING)}, got "
+                          f"{f.sharding!r}")
+    if f.state_dict not in FSDP_STATE_DICTS:
+        raise ConfigError(f"config key train.fsdp.state_dict must be one of {', '.join(FSDP_STATE_DICTS)}, got "
+                          f"{f.state_dict!r}")
+    if not f.enabled:
+        return
+    if cfg.task == "tokenizer":
+        raise ConfigError("train.fsdp.enabled=true does not apply to task=tokenizer: tokenizers change their own "
+                          "parameters outside the optimizer (VQ dead-code restarts), which sharded parameters would "
+                          "lose; train tokenizers with DDP (train.fsdp.enabled=false)")
+    if cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.fsdp.enabled=true with train.mixed_precision=fp16 is not supported (fp16 needs a "
+                          "gradient scaler over sharded gradients); use train.mixed_precision=bf16")
+
+
 def _check_outside_package(cfg: TrainConfig) -> None:
     """Nothing a user runs writes inside the installed package (a run would silently replace a shipped asset)."""
     from visar.utils.io import inside_package, package_root
@@ -369,8 +430,9 @@ def _check_outside_package(cfg: TrainConfig) -> None:
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
-                data: dict | None = None) -> TrainConfig:
-    """Read a YAML config (or take ``data``), apply ``key=value`` overrides, type-check and validate."""
+                data: dict | None = None, will_exist: Sequence[str | os.PathLike] = ()) -> TrainConfig:
+    """Read a YAML config (or take ``data``), apply ``key=value`` overrides, type-check and validate
+    (``will_exist``: see :func:`validate`)."""
     import yaml
 
     if data is None:
@@ -384,4 +446,4 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"{p} is not valid YAML: {e}") from e
     data = apply_overrides(copy.deepcopy(data), list(overrides or []))
-    return validate(from_dict(TrainConfig, data))
+    return validate(from_dict(TrainConfig, data), will_exist)

@@ -1,5 +1,8 @@
 """``visar train CONFIG.yaml [--num-processes N] [--accelerate-config FILE] [key=value ...]``.
 
+A recipe file (a YAML mapping with ``stages``, see :mod:`visar.train.recipe`) given instead of a config runs
+its stages in order: ``visar train recipes/NAME.yaml [--out DIR] [--dry-run] [--stages a,b | --from NAME]``.
+
 The config is read and checked here first, before any process starts: its keys, types and paths
 (:mod:`visar.train.config`), then the model, the tokenizer, the data's token grid, the batch split,
 the resume checkpoint and the output folders (:mod:`visar.train.preflight`, about a second, nothing
@@ -32,14 +35,21 @@ _PARENT = os.getppid()
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visar train", description="Train a tokenizer, generator or classifier "
-                                "from a YAML config on Accelerate.")
-    p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. train.steps=100")
+                                "from a YAML config on Accelerate, or run a multi-stage recipe (recipes/).")
+    p.add_argument("config", help="YAML config (see configs/) or recipe (a file with `stages`, see recipes/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. train.steps=100 "
+                   "(a recipe applies them to every training stage)")
     p.add_argument("--num-processes", type=int, default=None, help="processes (default 1; on CPU they use gloo)")
     p.add_argument("--accelerate-config", default=None,
                    help="an `accelerate config` YAML file (FSDP, DeepSpeed, multi-node), passed to accelerate launch")
     p.add_argument("--main-process-port", type=int, default=None, help="rendezvous port (default: a free one)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    r = p.add_argument_group("recipes (a file with stages)")
+    r.add_argument("--out", default=None, help="run folder of the recipe (default: runs/<recipe name>)")
+    r.add_argument("--dry-run", action="store_true", help="print the stages, their commands and what would be skipped")
+    r.add_argument("--stages", default=None, metavar="A,B", help="run only these stages (default: all)")
+    r.add_argument("--from", dest="start", default=None, metavar="NAME",
+                   help="run the stages from NAME on (default: from the first)")
     return p
 
 
@@ -73,8 +83,22 @@ def launcher_command(target: list[str], num_processes: int | None, accelerate_co
             env["ACCELERATE_USE_CPU"] = "1"
         cmd += (["--multi_gpu"] if n > 1 else []) + ["--num_processes", str(n), "--num_machines", "1",
                                                       "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["--main_process_port", str(port or _free_port())]
+    if port or not accelerate_config or int(read_accelerate_config(accelerate_config).get("num_machines") or 1) == 1:
+        cmd += ["--main_process_port", str(port or _free_port())]
+    # several machines: every machine must name the same port, so the config's main_process_port (or
+    # accelerate's default) applies unless --main-process-port is given
     return cmd + list(target), env
+
+
+def read_accelerate_config(path: str | os.PathLike) -> dict:
+    """The settings of an ``accelerate config`` file (YAML or JSON); ``{}`` if it cannot be read."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,10 +107,28 @@ def main(argv: list[str] | None = None) -> int:
     from visar.utils.cli import run_command
 
     args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    return run_command(_run, args, logger=log)
+    return run_command(_dispatch, args, logger=log)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace) -> int:
+    from visar.train.recipe import is_recipe
+
+    if not args.worker and is_recipe(args.config):
+        from visar.train import recipe
+
+        return recipe.main(args, lambda argv: run_config(build_parser().parse_intermixed_args(argv)))
+    given = [f for f, v in (("--out", args.out), ("--dry-run", args.dry_run), ("--stages", args.stages),
+                            ("--from", args.start)) if v]
+    if given:
+        from visar.train.config import ConfigError
+
+        raise ConfigError(f"{given[0]} applies to recipes (a YAML file with stages); {args.config} is a training "
+                          "config")
+    return run_config(args)
+
+
+def run_config(args: argparse.Namespace) -> int:
+    """Check one training config and train it (in this process, or through ``accelerate launch``)."""
     from visar.train.config import ConfigError, load_config
 
     if args.num_processes is not None and args.num_processes < 1:
@@ -96,6 +138,12 @@ def _run(args: argparse.Namespace) -> int:
                           "`accelerate config`)")
     cfg = load_config(args.config, args.overrides)
     n = args.num_processes or 1
+    if args.accelerate_config and not args.worker:
+        kind = str(read_accelerate_config(args.accelerate_config).get("distributed_type", "")).upper()
+        if kind == "FSDP" or (kind == "DEEPSPEED" and cfg.train.fsdp.enabled):
+            raise ConfigError(f"--accelerate-config {args.accelerate_config} sets distributed_type: {kind}; visar "
+                              "shards the model itself (its EMA, checkpoints and export need it): use a MULTI_GPU "
+                              "accelerate config and train.fsdp.enabled=true")
     if args.worker:  # the launcher checked the config before starting this process
         from visar.utils.lifeline import die_with_parent
 

@@ -16,6 +16,7 @@ or ``official`` (the family's own rule, ``model.official_ema_decay``; ``0`` = no
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -162,6 +163,12 @@ class EMA:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
         for k in self.shadow:
             self.shadow[k] = state[k].clone()
+
+    def with_shadow(self, shadow: dict[str, torch.Tensor]) -> "EMA":
+        """A copy of this EMA (same rule) holding ``shadow`` (e.g. the whole tensors assembled from FSDP shards)."""
+        other = copy.copy(self)
+        other.shadow = shadow
+        return other
 
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged weights into ``model`` (cast to its dtypes)."""

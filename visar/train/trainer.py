@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from visar.train.checkpoint import (find_latest, load_checkpoint, load_training_buffers, save_checkpoint,
-                                    training_buffers)
+from visar.train.checkpoint import (begin_checkpoint, find_latest, finish_checkpoint, load_checkpoint,
+                                    load_training_buffers, save_checkpoint, training_buffers)
 from visar.train.config import DataConfig, TrainConfig
+from visar.train.fsdp import (gather_full, gather_optimizer, is_sharded_tensor, load_full_ema, load_full_optimizer,
+                              load_sharded, save_sharded, shard_model)
 from visar.train.optim import EMA, ema_rule, lr_at, param_groups
 from visar.train.tasks import make_task
 
@@ -300,8 +302,13 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
         log.info("task %s: %s with %.2fM trainable parameters, %d processes, global batch %d, %d steps",
                  cfg.task, type(model).__name__, n_params / 1e6, world, t.batch_size, t.steps)
 
-    optimizer = build_optimizer(model, cfg)
-    ema = EMA(model, **ema_rule(model, o.ema, t.ema_decay))
+    sharded = _fsdp_active(cfg, accelerator, model)
+    if t.mixed_precision == "bf16" and accelerator.device.type == "cpu" and main:
+        log.warning("train.mixed_precision=bf16 on a CPU: bf16 matmuls are 7-70x slower than float32 there; use "
+                    "train.mixed_precision=no on CPUs and bf16 on GPUs")
+    # sharded (FSDP): the optimizer and the EMA are built on the shards, after sharding (below)
+    optimizer = None if sharded else build_optimizer(model, cfg)
+    ema = None if sharded else EMA(model, **ema_rule(model, o.ema, t.ema_decay))
     identity = _model_identity(model)
 
     # ---- resume
@@ -321,13 +328,18 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
                 f"{identity['model_config']}; use another train.output_dir or train.resume=never")
         from visar.convert.common import load_state_strict
 
-        load_state_strict(model, m_state, source=str(resume_path / "model.safetensors"))
+        if m_state is not None:  # a sharded checkpoint's weights are read below, shard by shard
+            load_state_strict(model, m_state, source=str(resume_path / "model.safetensors"))
         load_training_buffers(model, tr_state.get("buffers"), source=str(resume_path / "trainer_state.pt"))
-        ema.load_state_dict(e_state)
         if resume_decay_rule(cfg, meta, resume_path) != o.weight_decay_groups:
             o.weight_decay_groups = "legacy"  # also what later checkpoints of this run record
-            optimizer = build_optimizer(model, cfg)
-        optimizer.load_state_dict(tr_state["optimizer"])
+            optimizer = None if sharded else build_optimizer(model, cfg)
+        if not sharded:
+            if e_state is None:
+                load_sharded(resume_path, model, ema, optimizer)
+            else:
+                ema.load_state_dict(e_state)
+                optimizer.load_state_dict(tr_state["optimizer"])
         start = int(meta["step"])
         rngs = tr_state["rng"]
         rng_to_restore = rngs[rank] if rank < len(rngs) else None
@@ -339,7 +351,22 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
         if start >= t.steps and main:
             log.info("checkpoint step %d >= train.steps %d: nothing left to train", start, t.steps)
 
-    task, optimizer = accelerator.prepare(task, optimizer)
+    template = None
+    if sharded:
+        template = copy.deepcopy(model) if main else None  # rank 0's CPU template for sample grids and the export
+        shard_model(model, accelerator.device, world, t.fsdp.sharding)
+        optimizer = build_optimizer(model, cfg)
+        ema = EMA(model, **ema_rule(model, o.ema, t.ema_decay))
+        if resume_path is not None:
+            if e_state is None:
+                load_sharded(resume_path, model, ema, optimizer)
+            else:
+                load_full_ema(ema, e_state)
+                load_full_optimizer(optimizer, tr_state["optimizer"])
+        if main:
+            log.info("FSDP: %s sharding over %d processes, %s checkpoints", t.fsdp.sharding, world, t.fsdp.state_dict)
+    else:
+        task, optimizer = accelerator.prepare(task, optimizer)
     if resume_path is not None and accelerator.scaler is not None and tr_state.get("scaler"):
         accelerator.scaler.load_state_dict(tr_state["scaler"])
     set_seed(t.seed + 1 + rank)  # per-rank stream for the model's own randomness (dropout, masking, ...)
@@ -353,7 +380,7 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
     if t.tensorboard:
         accelerator.init_trackers("visar", config=_flat(cfg.to_dict()))
 
-    unwrapped = accelerator.unwrap_model(task).model
+    unwrapped = model if sharded else accelerator.unwrap_model(task).model
     batches = iter(loader)
     bar = tqdm(total=t.steps, initial=start, disable=not (main and t.progress), desc=f"train {cfg.task}",
                dynamic_ncols=True)
@@ -367,7 +394,9 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
         for micro in range(t.grad_accum):
             batch = _to_device(next(batches), accelerator.device)
             sync = micro == t.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(task)
+            if sharded:  # FSDP: gradients reduce-scattered on the last micro-batch only
+                model.set_requires_gradient_sync(sync)
+            ctx = contextlib.nullcontext() if sync or sharded else accelerator.no_sync(task)
             with ctx:
                 with accelerator.autocast():
                     out = task(batch)
@@ -382,7 +411,11 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
                                 f"Last good checkpoint: {last if last else 'none (no checkpoint saved yet)'}. "
                                 "Lower optim.lr, enable clipping (optim.grad_clip) or check the data.")
         if o.grad_clip > 0:
-            gn = accelerator.clip_grad_norm_(task.parameters(), o.grad_clip)
+            if sharded:
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                gn = gn.full_tensor() if is_sharded_tensor(gn) else gn
+            else:
+                gn = accelerator.clip_grad_norm_(task.parameters(), o.grad_clip)
             logs["grad_norm"] = float(gn)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -400,8 +433,10 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
         if main and (done % t.log_every == 0 or done == t.steps):
             log.info("step %d/%d %s (%.2f s/step)", done, t.steps,
                      " ".join(f"{k}={v:.4g}" for k, v in logs.items()), (time.perf_counter() - t0) / (done - start))
-        if t.sample_every and done % t.sample_every == 0 and main:
-            write_samples(cfg, unwrapped, ema, tokenizer, dataset, out_dir / "samples" / f"step_{done:08d}.png")
+        if t.sample_every and done % t.sample_every == 0:
+            m, e = _whole(accelerator, unwrapped, ema, template)  # FSDP: every rank helps assemble the EMA
+            if main:
+                write_samples(cfg, m, e, tokenizer, dataset, out_dir / "samples" / f"step_{done:08d}.png")
         out_of_time = _out_of_time(accelerator, t.max_minutes, t0) and done < t.steps
         if (t.save_every and done % t.save_every == 0) or done == t.steps or out_of_time:
             _save(accelerator, cfg, ckpt_root, done, unwrapped, ema, optimizer, identity)
@@ -412,14 +447,48 @@ def _train(cfg: TrainConfig, accelerator, out_dir: Path, export_dir: Path) -> Pa
             break
     bar.close()
     accelerator.wait_for_everyone()
+    whole, whole_ema = _whole(accelerator, unwrapped, ema, template)
     if main:
         from visar.text import text_encoder_of  # a caption cache names its encoder: saved with the pipeline
 
-        export(cfg, unwrapped, ema, tokenizer, export_dir, text_encoder=text_encoder_of(dataset))
+        export(cfg, whole, whole_ema, tokenizer, export_dir, text_encoder=text_encoder_of(dataset))
         if t.sample_every:
-            write_samples(cfg, unwrapped, ema, tokenizer, dataset, out_dir / "samples" / "final.png")
+            write_samples(cfg, whole, whole_ema, tokenizer, dataset, out_dir / "samples" / "final.png")
     accelerator.wait_for_everyone()
     return export_dir
+
+
+def _fsdp_active(cfg: TrainConfig, accelerator, model: nn.Module) -> bool:
+    """Whether this run shards the model (``train.fsdp.enabled`` with several processes); refuses setups that
+    sharding would break."""
+    f = cfg.train.fsdp
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and f.enabled:
+        raise ValueError(f"train.fsdp.enabled=true with an accelerate config that already sets "
+                         f"{accelerator.distributed_type.name}: visar shards the model itself (visar.train.fsdp); "
+                         "use a plain multi-GPU accelerate config (distributed_type: MULTI_GPU)")
+    if accelerator.distributed_type.name == "FSDP":
+        raise ValueError("an accelerate config with distributed_type FSDP is not supported by visar train (its EMA, "
+                         "checkpoints and export need visar's own sharding): use a MULTI_GPU accelerate config and "
+                         "train.fsdp.enabled=true")
+    if not f.enabled:
+        return False
+    if accelerator.num_processes == 1:
+        log.warning("train.fsdp.enabled=true with one process: nothing to shard, training unsharded")
+        return False
+    if callable(getattr(model, "after_optimizer_step", None)):
+        raise ValueError(f"{type(model).__name__} changes its parameters after the optimizer step "
+                         "(after_optimizer_step), which sharded parameters cannot take: train it with "
+                         "train.fsdp.enabled=false")
+    return True
+
+
+def _whole(accelerator, model: nn.Module, ema: EMA, template: nn.Module | None) -> tuple[nn.Module | None, EMA | None]:
+    """The model and EMA to sample from and export: themselves, or (FSDP) rank 0's template with the EMA
+    assembled from every rank's shards (a collective: every rank calls it; the others get ``None``)."""
+    if template is None and not any(is_sharded_tensor(v) for v in ema.shadow.values()):
+        return model, ema
+    full = gather_full(ema.shadow, keep=accelerator.is_main_process)
+    return (template, ema.with_shadow(full)) if accelerator.is_main_process else (None, None)
 
 
 def _out_of_time(accelerator, max_minutes: float, t0: float) -> bool:
@@ -436,17 +505,37 @@ def _out_of_time(accelerator, max_minutes: float, t0: float) -> bool:
 
 def _save(accelerator, cfg, root, step, model, ema, optimizer, identity) -> None:
     """Gather every rank's RNG state to rank 0, which writes the checkpoint atomically (with the
-    model's training buffers, see :func:`visar.train.checkpoint.training_buffers`)."""
+    model's training buffers, see :func:`visar.train.checkpoint.training_buffers`).
+
+    FSDP (the model's parameters are shards): with ``train.fsdp.state_dict: full`` the model, EMA and optimizer
+    are assembled tensor by tensor on rank 0 into the same files a non-sharded run writes; with ``sharded`` every rank writes its own
+    shards into the checkpoint's ``sharded/`` folder and rank 0 adds the rest."""
     from accelerate.utils import gather_object
 
     rngs = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
     _check_replicas(accelerator, model, step)
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    sharded = any(is_sharded_tensor(p) for p in model.parameters())
+    meta = {**identity, "task": cfg.task, "num_processes": accelerator.num_processes, "config": cfg.to_dict()}
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
+    keep = cfg.train.keep_checkpoints
+    if sharded and cfg.train.fsdp.state_dict == "sharded":
+        tmp = begin_checkpoint(root, step, shared=True) if main else None
+        tmp = Path(gather_object([str(tmp)])[0])  # rank 0's folder, once it exists
+        save_sharded(tmp, model, ema, optimizer)
+        if main:
+            state = {"rng": rngs, "buffers": training_buffers(model), "scaler": scaler}
+            log.info("saved checkpoint %s", finish_checkpoint(root, tmp, step, state, meta, keep))
+    elif sharded:
+        m_state, e_state = gather_full(model.state_dict(), main), gather_full(ema.shadow, main)
+        opt_state = gather_optimizer(optimizer, main)
+        if main:
+            state = {"optimizer": opt_state, "rng": rngs, "buffers": training_buffers(model), "scaler": scaler}
+            log.info("saved checkpoint %s", save_checkpoint(root, step, m_state, e_state, state, meta, keep=keep))
+    elif main:
         state = {"optimizer": optimizer.state_dict(), "rng": rngs, "buffers": training_buffers(model),
-                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
-        meta = {**identity, "task": cfg.task, "num_processes": accelerator.num_processes, "config": cfg.to_dict()}
-        path = save_checkpoint(root, step, model.state_dict(), ema.state_dict(), state, meta,
-                               keep=cfg.train.keep_checkpoints)
+                 "scaler": scaler}
+        path = save_checkpoint(root, step, model.state_dict(), ema.state_dict(), state, meta, keep=keep)
         log.info("saved checkpoint %s", path)
     accelerator.wait_for_everyone()
 
@@ -462,7 +551,9 @@ def _check_replicas(accelerator, model: nn.Module, step: int) -> list[str]:
         return []
     from visar.utils.dist import replica_mismatches
 
-    differ = replica_mismatches([*model.named_parameters(), *model.named_buffers()])
+    # visar's FSDP: shards differ by design; what every rank holds whole (buffers) is still compared
+    differ = replica_mismatches([(n, v) for n, v in [*model.named_parameters(), *model.named_buffers()]
+                                 if not is_sharded_tensor(v)])
     if differ and accelerator.is_main_process:
         log.error("step %d: the %d processes hold different copies of %s; checkpoints save rank 0's, so a "
                   "resumed run will not match this one. State updated from one rank's batch (usage counts, "
@@ -502,6 +593,8 @@ def write_samples(cfg: TrainConfig, model: nn.Module, ema: EMA, tokenizer, datas
     from visar.utils.images import save_grid
 
     m = ema_copy(model, ema)
+    if tokenizer is not None:  # the FSDP template lives on the CPU
+        m.to(next(iter(tokenizer.parameters()), torch.empty(0)).device)
     device = next(m.parameters()).device
     s = cfg.sample
     if cfg.task == "generator":
