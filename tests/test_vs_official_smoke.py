@@ -85,6 +85,22 @@ def test_pair_orders_balance_positions(vs):
     assert all(sorted(o) == ["official", "visar", "visar_best"] for o in three)
 
 
+def test_with_context_wraps_every_call(vs):
+    import contextlib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def ctx():
+        entered.append("in")
+        yield
+        entered.append("out")
+
+    wrapped = vs.WithContext(lambda x, k=0: (x, k, list(entered)), ctx)
+    assert wrapped(3, k=4) == (3, 4, ["in"])
+    assert entered == ["in", "out"]
+
+
 def test_bandwidth_and_gemm_rate_are_positive(vs):
     bw = vs.measure_bandwidth(mib=8, repeats=2)
     rate = vs.measure_matmul_rate(n=64, repeats=2)
