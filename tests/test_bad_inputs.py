@@ -3,7 +3,8 @@
 Every case is what a user may type or pass; each must fail early with a clear message (CLI: one
 ``ERROR`` line and exit status 2, or argparse's one-line usage error with status 2; Python: a
 ``TypeError`` / ``ValueError`` naming the argument), never with a traceback from deep inside.
-To add a case, add a row to :data:`CLI_CASES`, :data:`USAGE_CASES` or :data:`API_CASES`.
+To add a case, add a row to :data:`CLI_CASES`, :data:`USAGE_CASES`, :data:`API_CASES` or
+:data:`LOAD_CASES` (inputs accepted as a diffusers user expects: :data:`ACCEPTED_CASES`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from visar import zoo
 from visar.cli import main
+from visar.generators.base import Generator
 from visar.pipeline import Pipeline
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -33,6 +35,12 @@ def files(tmp_path_factory):
     for name, broken in (("badgen", "generator/config.json"), ("badpipe", "pipeline.json")):
         shutil.copytree(pipe, root / name)
         (root / name / broken).write_text('{"class": "visar.generators')  # cut off mid-string
+    shutil.copytree(pipe, root / "nogen")
+    shutil.rmtree(root / "nogen" / "generator")  # a component folder named in pipeline.json is missing
+    shutil.copytree(pipe, root / "noweights")
+    (root / "noweights" / "generator" / "model.safetensors").unlink()
+    shutil.copytree(pipe, root / "novisar")  # a config.json of some other library (no "_visar" entry)
+    (root / "novisar" / "generator" / "config.json").write_text('{"hidden_size": 32}')
     shutil.copytree(pipe, root / "nantok")
     from visar.utils.io import load_safetensors, save_safetensors
 
@@ -48,7 +56,8 @@ def files(tmp_path_factory):
     return {"tmp": str(root), "pipe": str(pipe), "badgen": str(root / "badgen"), "badpipe": str(root / "badpipe"),
             "nantok": str(root / "nantok"), "rand": str(root / "rand.pt"),
             "randpickle": str(root / "randpickle.pt"), "file": str(root / "file"),
-            "nolabels": str(root / "nolabels.npz")}
+            "nolabels": str(root / "nolabels.npz"), "nogen": str(root / "nogen"),
+            "noweights": str(root / "noweights"), "novisar": str(root / "novisar")}
 
 
 def _fill(argv, files, tmp):
@@ -193,6 +202,15 @@ API_CASES = [
     ("encode-float64", lambda p: p.tokenizer.encode(_images(dtype=torch.float64)), TypeError, "torch.float64"),
     ("encode-uint8", lambda p: p.tokenizer.encode(_images(dtype=torch.uint8)), TypeError, "uint8"),
     ("encode-grayscale", lambda p: p.tokenizer.encode(torch.zeros(1, 1, 64, 64)), ValueError, "RGB"),
+    ("pipe-output-type-unknown", lambda p: p([0], output_type="latent"), ValueError, "output_type must be one of"),
+    ("pipe-output-type-upper-case", lambda p: p([0], output_type="PIL"), ValueError,
+     "the names are lower case: output_type='pil'"),
+    ("pipe-compile-yes", lambda p: p([0], compile="yes"), TypeError, "compile must be True or False, got str"),
+    ("pipe-guidance-scale-and-cfg-differ", lambda p: p([0], guidance_scale=2.0, cfg_scale=3.0), TypeError,
+     "name the same option"),
+    ("pipe-to-int-dtype", lambda p: p.to(torch.int8), TypeError, "dtype must be a floating torch dtype"),
+    ("pipe-to-dtype-typo", lambda p: p.to("bfloat"), ValueError, r"Pipeline.to\('bfloat'\).*a dtype goes as"),
+    ("pipe-to-two-dtypes", lambda p: p.to(torch.float16, dtype="bfloat16"), TypeError, "two dtypes"),
 ]
 
 
@@ -205,6 +223,50 @@ def tiny(files):
 def test_python_api_bad_inputs(call, exc, match, tiny):
     with pytest.raises(exc, match=match):
         call(tiny)
+
+
+#: (id, call on the paths of :func:`files`, exception type, regex of the message): loading saved folders
+LOAD_CASES = [
+    ("load-component-folder-missing", lambda f: Pipeline.from_pretrained(f["nogen"]), FileNotFoundError,
+     r"nogen/generator: the component folder 'generator' named in .*pipeline.json is missing"),
+    ("load-config-not-json", lambda f: Pipeline.from_pretrained(f["badgen"]), ValueError,
+     "generator/config.json is not valid JSON"),
+    ("load-config-of-another-library", lambda f: Pipeline.from_pretrained(f["novisar"]), ValueError,
+     "generator/config.json is not a visar component config"),
+    ("load-weights-missing", lambda f: Pipeline.from_pretrained(f["noweights"]), FileNotFoundError,
+     "generator/model.safetensors not found"),
+    ("load-torch-dtype-abbreviation", lambda f: Pipeline.from_pretrained(f["pipe"], torch_dtype="bf16"), TypeError,
+     "torch_dtype must be a floating torch dtype such as torch.bfloat16 \\(or its name, 'bfloat16'\\), got 'bf16'"),
+    ("load-torch-dtype-int", lambda f: Pipeline.from_pretrained(f["pipe"], torch_dtype=torch.int64), TypeError,
+     "torch_dtype must be a floating torch dtype"),
+    ("load-compile-is-a-sampling-option", lambda f: Pipeline.from_pretrained(f["pipe"], compile=True), TypeError,
+     "unexpected keyword argument 'compile'"),
+    ("load-generator-from-a-tokenizer-folder",
+     lambda f: Generator.from_pretrained(os.path.join(f["pipe"], "tokenizer")), TypeError,
+     "VQTokenizer .*which is not a Generator"),
+]
+
+
+@pytest.mark.parametrize("call, exc, match", [c[1:] for c in LOAD_CASES], ids=[c[0] for c in LOAD_CASES])
+def test_loading_bad_folders(call, exc, match, files):
+    with pytest.raises(exc, match=match):
+        call(files)
+
+
+#: (id, call on the paths of :func:`files`, what the result must satisfy): inputs a diffusers user would
+#: expect to work, accepted
+ACCEPTED_CASES = [
+    ("torch-dtype-by-name", lambda f: Pipeline.from_pretrained(f["pipe"], torch_dtype="bfloat16"),
+     lambda p: p.dtype == torch.bfloat16),
+    ("to-dtype-by-name", lambda f: zoo.load(f["pipe"]).to("float16"), lambda p: p.dtype == torch.float16),
+    ("to-device-and-dtype-by-name", lambda f: zoo.load(f["pipe"]).to("cpu", "torch.float64"),
+     lambda p: p.dtype == torch.float64 and p.device.type == "cpu"),
+]
+
+
+@pytest.mark.parametrize("call, check", [c[1:] for c in ACCEPTED_CASES], ids=[c[0] for c in ACCEPTED_CASES])
+def test_accepted_like_diffusers(call, check, files):
+    assert check(call(files))
 
 
 def test_empty_batch_of_every_family_is_refused_before_the_model():

@@ -228,11 +228,27 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
+    if args.num_processes > 1:  # the workers would each fail with a traceback (one process checks before writing)
+        _check_distill_teacher(args.teacher, options)
     manifest = launch(num_processes=args.num_processes, threads=args.threads, teacher=args.teacher,
                       out_dir=args.out, num=args.num, seed=args.seed, shard_size=args.shard_size,
                       batch_size=args.batch_size, labels=args.labels, progress=not args.quiet, **options)
     print(f"{manifest['settings']['num']} teacher pairs in {manifest['num_shards']} shards: {args.out}")
     return 0
+
+
+def _check_distill_teacher(teacher: str, options: dict) -> None:
+    """What ``make_distill_data`` checks before it writes (the teacher, its kind and the teacher-map options), on
+    the CPU in this process, so a refused ``--num-processes N`` command is one error and starts no process."""
+    from visar import zoo
+    from visar.samplers.flow_map import codebook_of
+    from visar.train.distill_data import teacher_options, teacher_sampler
+
+    pipe = zoo.load(teacher, device="cpu")
+    sampler = teacher_sampler(pipe.generator)
+    if getattr(pipe.generator, "text_conditional", False) or not getattr(pipe.generator, "num_classes", 0):
+        raise ValueError(f"distill-data needs a class-conditional teacher; {teacher} is not")
+    teacher_options(pipe, sampler, codebook_of(pipe.tokenizer).float(), options)
 
 
 #: the bundled text-to-image model (``visar/assets/<name>``), used when ``visar t2i`` gets no ``--model``
@@ -483,10 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler, one of `visar models --kind sampler` (default: the model's own, which reproduces "
                         "the official sampling)")
     s.add_argument("--draft", default=None, metavar="PATH",
-                   help="speculative samplers: folder of the draft generator (generator.json + .safetensors, e.g. a "
-                        "pipeline folder); default: none")
+                   help="speculative samplers: the draft generator: a pipeline folder (its generator/ component "
+                        "folder, or the flat generator.json + generator.safetensors of older folders) or a "
+                        "generator's own component folder (config.json + model.safetensors); default: none")
     s.add_argument("--student", default=None, metavar="PATH",
-                   help="distilled sampler: folder of the distilled student (default: none)")
+                   help="distilled sampler: the distilled student: the export folder of a task: distill run "
+                        "(distill.json + distill.safetensors), a pipeline folder whose generator is the student, or "
+                        "the student's component folder (config.json + model.safetensors); default: none")
     s.add_argument("--k", type=int, default=None, metavar="N",
                    help="speculative samplers: draft tokens per target pass (default: the sampler's, 4)")
     s.add_argument("--option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
@@ -521,8 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tokenize", help="pre-tokenize a dataset once into a token cache for generator training",
                        formatter_class=HelpFormatter)
-    t.add_argument("--tokenizer", required=True, help="folder holding NAME.json + NAME.safetensors")
-    t.add_argument("--name", default="tokenizer", help="file stem of the tokenizer in that folder")
+    t.add_argument("--tokenizer", required=True,
+                   help="the tokenizer: a tokenizer export (flat NAME.json + NAME.safetensors), a pipeline folder "
+                        "(its NAME/ component folder: config.json + weights) or a tokenizer's component folder "
+                        "itself")
+    t.add_argument("--name", default="tokenizer",
+                   help="the tokenizer in that folder: the file stem of the flat files or the component folder's "
+                        "name")
     t.add_argument("--data", choices=["shapes", "folder"], default="folder", help="what to tokenize")
     t.add_argument("--path", default=None,
                    help="--data folder: image folder with one sub-folder per class (no default: required there)")

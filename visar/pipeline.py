@@ -82,15 +82,20 @@ class PipelineOutput(abc.Sequence):
 
 
 def check_output_type(output_type: Any) -> str:
+    """``output_type`` if it is one of :data:`OUTPUT_TYPES` (lower case, as diffusers spells them; diffusers
+    does not read ``"PIL"`` as PIL images either); a ``ValueError`` naming the argument otherwise."""
     if output_type not in OUTPUT_TYPES:
+        hint = ""
+        if isinstance(output_type, str) and output_type.lower() in OUTPUT_TYPES:
+            hint = f"; the names are lower case: output_type={output_type.lower()!r}"
         raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))} (PIL images, a float "
-                         f"tensor [N, 3, H, W] or a float32 array [N, H, W, 3] in [0, 1]), got {output_type!r}")
+                         f"tensor [N, 3, H, W] or a float32 array [N, H, W, 3] in [0, 1]), got {output_type!r}{hint}")
     return output_type
 
 
 def convert_images(images: torch.Tensor, output_type: str) -> Any:
     """``[N, 3, H, W]`` in ``[-1, 1]`` -> PIL images, or float32 ``[0, 1]`` tensor / array (see :class:`PipelineOutput`)."""
-    check_output_type(output_type)
+    output_type = check_output_type(output_type)
     if output_type == "pil":
         return to_pil(images)
     unit = ((images.float() + 1) / 2).clamp(0, 1)  # [N, 3, H, W] in [0, 1]
@@ -141,6 +146,14 @@ def migrate_sampling_defaults(defaults: dict | None, version: int, family: str) 
     return out
 
 
+def _dtype_name(text: str) -> torch.dtype | None:
+    """The floating dtype ``text`` names (``"bfloat16"``, ``"torch.float16"``), or ``None`` (e.g. a device)."""
+    try:
+        return as_torch_dtype(text)
+    except TypeError:
+        return None
+
+
 class Pipeline:
     """A tokenizer, a generator that models its tokens, and the sampler that draws them.
 
@@ -185,9 +198,11 @@ class Pipeline:
         return next((p.dtype for p in self.generator.parameters() if p.is_floating_point()), torch.float32)
 
     def to(self, *args: Any, device: str | torch.device | None = None,
-           dtype: torch.dtype | None = None) -> "Pipeline":
-        """Move the tokenizer and generator: ``pipe.to("cuda")``, ``pipe.to(torch.bfloat16)``,
-        ``pipe.to("cuda", torch.bfloat16)`` (positional, as diffusers) or ``pipe.to(device=..., dtype=...)``.
+           dtype: torch.dtype | str | None = None) -> "Pipeline":
+        """Move the tokenizer, the generator and the sampler's model options (a speculative draft, a distilled
+        student): ``pipe.to("cuda")``, ``pipe.to(torch.bfloat16)``, ``pipe.to("cuda", torch.bfloat16)``
+        (positional, as diffusers) or ``pipe.to(device=..., dtype=...)``. A dtype may also be given by its name
+        (``pipe.to("bfloat16")``, ``dtype="float16"``), as ``from_pretrained(torch_dtype=...)`` takes it.
 
         In bfloat16 / float16 the generators still return float32 logits, so guidance, temperature, top-k/p and
         the categorical draw run in float32. The text encoder moves to ``device`` but keeps its dtype (its
@@ -196,8 +211,10 @@ class Pipeline:
         if len(args) > 2:
             raise TypeError(f"Pipeline.to takes a device and/or a dtype, got {len(args)} positional arguments")
         for a in args:
+            if isinstance(a, str) and _dtype_name(a) is not None:
+                a = _dtype_name(a)  # "bfloat16" / "torch.float16": a dtype, not a device
             if isinstance(a, torch.dtype):
-                if dtype is not None and dtype != a:
+                if dtype is not None and as_torch_dtype(dtype, "dtype") != a:
                     raise TypeError(f"Pipeline.to got two dtypes: {a} and dtype={dtype}")
                 dtype = a
             elif isinstance(a, (str, torch.device)):
@@ -211,12 +228,27 @@ class Pipeline:
         if device is not None:
             from visar.utils.validation import check_device
 
-            device = check_device(device, "device")
+            try:
+                device = check_device(device, "device")
+            except ValueError as e:
+                if not any(a is device for a in args):
+                    raise
+                raise ValueError(f"Pipeline.to({device!r}): {e}; a dtype goes as torch.bfloat16 or its name "
+                                 "('bfloat16', 'float16', 'float32')") from None
         self.tokenizer.to(device=device, dtype=dtype)
         self.generator.to(device=device, dtype=dtype)
+        for module in self._sampler_modules():
+            module.to(device=device, dtype=dtype)
         if self.text_encoder is not None and device is not None:
             self.text_encoder.to(device=device)  # keeps its own dtype; its features are float32
         return self
+
+    def _sampler_modules(self) -> list[torch.nn.Module]:
+        """The model-valued options of the pipeline's sampler (what ``save_pretrained`` writes as
+        ``sampler_<name>/``), other than the tokenizer and generator themselves."""
+        own = (self.tokenizer, self.generator)
+        return [v for v in self.sampler.options.values()
+                if isinstance(v, torch.nn.Module) and not any(v is m for m in own)]
 
     @property
     def text_conditional(self) -> bool:
@@ -294,7 +326,7 @@ class Pipeline:
                 ``"np"`` (float32 ``[N, H, W, 3]`` in ``[0, 1]``).
             **options: sampling options (``cfg_scale`` or its diffusers name ``guidance_scale``, ``top_k``, ...).
         """
-        check_output_type(output_type)  # before any sampling
+        output_type = check_output_type(output_type)  # before any sampling
         images = self.generate(class_ids, prompts, seed=seed, sampler=sampler, **options)
         return PipelineOutput(convert_images(images, output_type), output_type)
 
@@ -354,8 +386,9 @@ class Pipeline:
             device: where the weights go (``"cpu"``, ``"cuda"``, ...).
             text_encoder: a :class:`~visar.text.base.TextEncoder` replacing the saved one (e.g. a T5 encoder
                 whose folder moved).
-            torch_dtype: dtype of the tokenizer's and generator's floating weights (``torch.bfloat16``,
-                ``torch.float16`` or its name; default: as saved, float32); logits stay float32.
+            torch_dtype: dtype of the tokenizer's, the generator's and the sampler's model options' floating
+                weights (``torch.bfloat16``, ``torch.float16`` or its name; default: as saved, float32); logits
+                stay float32.
         """
         dtype = as_torch_dtype(torch_dtype)
         d = Path(directory)

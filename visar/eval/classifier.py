@@ -118,10 +118,14 @@ class ShapesClassifier(Configurable):
 
 
 def load_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> ShapesClassifier:
-    """The bundled classifier (``visar/assets/classifier``), or one exported by the trainer at ``path``."""
+    """The bundled classifier (``visar/assets/classifier``), or one exported by the trainer at ``path`` (flat
+    ``classifier.json`` + ``classifier.safetensors``, or a component folder: ``path/classifier/config.json`` or
+    ``path/config.json``)."""
+    from visar.utils.config import find_saved
+
     d = Path(path) if path is not None else ASSET_DIR
-    if not (d / "classifier.json").is_file():
-        raise FileNotFoundError(f"no classifier.json in {d}; train one with "
+    if find_saved(d, "classifier") is None:
+        raise FileNotFoundError(f"no classifier.json (or classifier/config.json, config.json) in {d}; train one with "
                                 "`visar train configs/shapes_classifier.yaml` (it exports to its output_dir/export)")
     return ShapesClassifier.from_pretrained(d, "classifier", map_location=device).eval()
 

@@ -50,7 +50,8 @@ class ModelConfig:
     preset: Optional[str] = None
     kwargs: dict = field(default_factory=dict)
     #: fine-tuning: a ``.safetensors`` file of this model's weights (e.g. an export's
-    #: ``tokenizer.safetensors``) loaded strictly after the model is built; empty: random init
+    #: ``tokenizer.safetensors`` or ``generator/model.safetensors``; the flat and the component-folder path of the
+    #: same export are interchangeable) loaded strictly after the model is built; empty: random init
     init_from: str = ""
     #: parameter-name prefixes that train (e.g. ``[decoder, post_quant_conv]``: decoder-only fine-tuning
     #: of a VQ, which keeps its tokens); every other parameter is frozen. Empty: everything trains.
@@ -324,8 +325,17 @@ def validate(cfg: TrainConfig, will_exist: Sequence[str | os.PathLike] = ()) -> 
             raise ConfigError(f"config key model.init_from must name a .safetensors file (e.g. an export's "
                               f"tokenizer.safetensors), got {cfg.model.init_from!r}")
         if not exists_or_pending(cfg.model.init_from, will_exist, file=True):
-            raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist (run the training that "
-                              "writes it first, or pass model.init_from=path/to/weights.safetensors)")
+            other = other_layout_weights(cfg.model.init_from)
+            if other is None:
+                raise ConfigError(f"model.init_from={cfg.model.init_from} does not exist (run the training that "
+                                  "writes it first, or pass model.init_from=path/to/weights.safetensors; a generator "
+                                  "export holds its weights in export/generator/model.safetensors, older ones in "
+                                  "export/generator.safetensors)")
+            import logging
+
+            logging.getLogger("visar.train").info("model.init_from: %s is not there; reading the same export's "
+                                                  "weights at %s", cfg.model.init_from, other)
+            cfg.model.init_from = str(other)  # the same export in the other layout (the trainer reads this file)
     if cfg.model.init_exclude and not cfg.model.init_from:
         raise ConfigError("config key model.init_exclude needs model.init_from (the weights it filters)")
     if not all(isinstance(x, str) and x for x in cfg.model.init_exclude):
@@ -358,12 +368,7 @@ def validate(cfg: TrainConfig, will_exist: Sequence[str | os.PathLike] = ()) -> 
                           f"distill-data`), and those pairs feed only task=distill; got task={cfg.task}, "
                           f"data.kind={d.kind}")
     if cfg.task == "generator":
-        if not cfg.tokenizer.path:
-            raise ConfigError("task=generator needs tokenizer.path: a folder with the frozen tokenizer "
-                              "(tokenizer.json + tokenizer.safetensors)")
-        if not exists_or_pending(Path(cfg.tokenizer.path) / f"{cfg.tokenizer.name}.json", will_exist, file=True):
-            raise ConfigError(f"tokenizer.path={cfg.tokenizer.path} holds no {cfg.tokenizer.name}.json "
-                              "(train the tokenizer first; its export folder is what to give)")
+        _check_tokenizer_path(cfg, will_exist)
     if d.cache and d.kind != "shapes":
         raise ConfigError(f"config key data.cache only applies to data.kind=shapes (got data.kind={d.kind})")
     if t.max_minutes < 0:
@@ -394,6 +399,50 @@ def validate(cfg: TrainConfig, will_exist: Sequence[str | os.PathLike] = ()) -> 
         raise ConfigError(f"config key optim.ema must be one of {', '.join(EMA_RULES)}, got {o.ema!r}")
     _check_outside_package(cfg)
     return cfg
+
+
+def _check_tokenizer_path(cfg: TrainConfig, will_exist: Sequence[str | os.PathLike]) -> None:
+    """``tokenizer.path`` (task ``generator``) holds the frozen tokenizer in either save layout: a flat export
+    (``<name>.json`` + ``<name>.safetensors``, what ``visar train`` writes for task ``tokenizer``), a pipeline
+    folder (its ``<name>/`` component folder, e.g. a generator export) or the component folder itself; or it
+    lies in a folder an earlier recipe stage will write."""
+    from visar.utils.config import describe_missing, find_saved
+
+    t = cfg.tokenizer
+    if not t.path:
+        raise ConfigError("task=generator needs tokenizer.path: a folder with the frozen tokenizer (a tokenizer "
+                          "export: tokenizer.json + tokenizer.safetensors, or a pipeline folder / component folder "
+                          "holding tokenizer/config.json)")
+    if find_saved(t.path, t.name) is None and not exists_or_pending(Path(t.path) / f"{t.name}.json", will_exist,
+                                                                    file=True):
+        raise ConfigError(f"tokenizer.path={t.path} holds {describe_missing(t.path, t.name)}, and is not itself a "
+                          "component folder (config.json); train the tokenizer first and give its export folder, or "
+                          "a pipeline folder (tokenizer.name: the component to use)")
+
+
+def other_layout_weights(path: str | os.PathLike) -> Path | None:
+    """The weights a missing ``model.init_from`` file names, in the other save layout, when they exist there:
+    ``<dir>/<name>.safetensors`` (a flat export, e.g. ``export/generator.safetensors``) <->
+    ``<dir>/<name>/model.safetensors`` (a component folder, e.g. ``export/generator/model.safetensors`` of a
+    pipeline saved in format version 3). Only files holding the module's own state dict count (a KL tokenizer's
+    diffusers folder does not); ``None`` otherwise."""
+    from visar.utils.config import CONFIG_NAME, WEIGHTS_NAME, read_json
+
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        return None
+    if p.name == WEIGHTS_NAME:  # component-folder path given, flat files there
+        flat = p.parent.with_suffix(".safetensors")
+        return flat if flat.is_file() and flat.with_suffix(".json").is_file() else None
+    folder = p.with_suffix("")
+    weights = folder / WEIGHTS_NAME
+    if not (weights.is_file() and (folder / CONFIG_NAME).is_file()):
+        return None
+    try:
+        meta = read_json(folder / CONFIG_NAME).get("_visar") or {}
+    except (ValueError, OSError, AttributeError):
+        return None
+    return weights if meta.get("weights", WEIGHTS_NAME) == WEIGHTS_NAME else None
 
 
 def _check_fsdp(cfg: TrainConfig) -> None:

@@ -124,20 +124,27 @@ def _check_kwarg_names(cfg: TrainConfig) -> None:
 
 
 def meta_tokenizer(cfg: TrainConfig) -> torch.nn.Module | None:
-    """The frozen tokenizer built on ``meta`` from ``<tokenizer.path>/<tokenizer.name>.json`` (no weights read);
-    ``None`` when its constructor needs real values."""
-    from visar.utils.config import read_json, resolve_class
+    """The frozen tokenizer built on ``meta`` from its saved config (no weights read), in either layout:
+    ``<tokenizer.path>/<tokenizer.name>.json`` (flat), ``<tokenizer.path>/<tokenizer.name>/config.json`` (a
+    pipeline folder) or ``<tokenizer.path>/config.json`` (the component folder itself), found as
+    ``Tokenizer.from_pretrained`` finds it; ``None`` when its constructor needs real values."""
+    from visar.tokenizers.base import Tokenizer
+    from visar.utils.config import describe_missing, find_saved, read_saved_config, resolve_class
 
-    path = Path(cfg.tokenizer.path) / f"{cfg.tokenizer.name}.json"
+    t = cfg.tokenizer
+    found = find_saved(t.path, t.name)
+    if found is None:
+        raise ConfigError(f"tokenizer.path={t.path} holds {describe_missing(t.path, t.name)}")
     try:
-        meta = read_json(path, "a visar tokenizer config")
-        if not (isinstance(meta, dict) and isinstance(meta.get("class"), str) and isinstance(meta.get("config"), dict)):
-            raise ValueError(f"{path} is not a visar model config (a \"class\" string and a \"config\" object)")
-        klass = resolve_class(meta["class"])
+        saved = read_saved_config(*found)
+        klass = resolve_class(saved.class_path) if isinstance(saved.class_path, str) else None
+        if not (isinstance(klass, type) and issubclass(klass, Tokenizer)):
+            raise ValueError(f"{saved.path} describes a {saved.class_path} (family {saved.family}), not a visar "
+                             "Tokenizer; give the tokenizer's folder (tokenizer.name: the component to use)")
         with torch.device("meta"):
-            return klass(**meta["config"])
+            return klass(**saved.kwargs)
     except (ValueError, TypeError, AttributeError, ImportError) as e:
-        raise ConfigError(f"tokenizer.path={cfg.tokenizer.path}: {e}") from None
+        raise ConfigError(f"tokenizer.path={t.path}: {e}") from None
     except (RuntimeError, NotImplementedError) as e:
         log.debug("tokenizer not buildable on the meta device (%s): skipping the tokenizer checks", e)
         return None

@@ -442,10 +442,10 @@ def _check_tokenize(s: Stage, pending: list[Path], where: str) -> None:
 
     o = s.options
     folder, name = Path(o["tokenizer"]), o.get("name", "tokenizer")
-    files = (folder / f"{name}.json", folder / name / "config.json")
+    files = (folder / f"{name}.json", folder / name / "config.json", folder / "config.json")  # as find_saved
     if not any(exists_or_pending(f, pending, file=True) for f in files):
-        raise RecipeError(f"{where}: tokenizer={o['tokenizer']} holds no {name}.json (or {name}/config.json) and no "
-                          "earlier stage writes it")
+        raise RecipeError(f"{where}: tokenizer={o['tokenizer']} holds no {name}.json (or {name}/config.json), is no "
+                          "component folder (config.json) and no earlier stage writes it")
     if o.get("path") and not exists_or_pending(o["path"], pending):
         raise RecipeError(f"{where}: path={o['path']} does not exist")
     if o.get("data", "folder") not in ("shapes", "folder"):

@@ -98,7 +98,8 @@ def batch_condition(batch: dict) -> Condition | None:
 
 @register("task", "distill")
 class DistillTask(nn.Module):
-    """Distilled Decoding student (:mod:`visar.generators.next_token.distilled`) on teacher pairs: batches
+    """Distilled Decoding student (:mod:`visar.generators.next_token.distilled`,
+    :mod:`visar.generators.next_scale.distilled`) on teacher pairs: batches
     ``{"noise": [B, L, C], "tokens": [B, L], "label": [B]}`` from :class:`visar.data.distill_shards.DistillShards`.
     Each row's training state ``X_t`` is drawn uniformly from the student's ``timesteps`` (torch's global RNG,
     which the trainer seeds per process)."""
@@ -107,7 +108,10 @@ class DistillTask(nn.Module):
         super().__init__()
         if not callable(getattr(model, "training_loss", None)) or not hasattr(model, "timesteps"):
             raise TypeError(f"{type(model).__name__} cannot be trained with task=distill: it is not a distilled "
-                            "student (model.cls: visar.generators.next_token.distilled:student_from_teacher)")
+                            "student; build one from the teacher pipeline with model.cls: "
+                            "visar.generators.next_token.distilled:student_from_teacher (next-token teachers, e.g. "
+                            "LlamaGen) or visar.generators.next_scale.distilled:student_from_teacher (next-scale "
+                            "teachers, VAR) and model.kwargs: {teacher: PIPELINE_DIR, timesteps: [0]}")
         self.model = model
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

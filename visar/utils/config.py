@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,72 @@ def component_path(directory: str | os.PathLike, name: str | None = None) -> tup
     if flat.is_file():
         return "flat", flat
     return None
+
+
+def find_saved(directory: str | os.PathLike, name: str | None = None) -> tuple[str, Path] | None:
+    """Where ``Class.from_pretrained(directory, name)`` finds its module, in either layout: what
+    :func:`component_path` finds, else ``directory`` itself when it is a component folder although ``name`` was
+    given (e.g. ``tokenizer.path`` naming a pipeline's ``tokenizer/`` folder, or ``--draft`` a saved generator
+    folder); ``None`` when there is nothing to load. Every consumer of a saved module (the training config's
+    ``tokenizer.path``, the pre-launch checks, ``visar tokenize --tokenizer``, ``--draft``) resolves through it,
+    so flat exports (``name.json`` + ``name.safetensors``) and component folders both work everywhere."""
+    found = component_path(directory, name)
+    if found is None and name and (Path(directory) / CONFIG_NAME).is_file():
+        found = ("folder", Path(directory))
+    return found
+
+
+def describe_missing(directory: str | os.PathLike, name: str | None = None) -> str:
+    """What :func:`find_saved` looked for, for error messages: ``"no tokenizer.json (flat layout) and no
+    tokenizer/config.json (component folder)"``."""
+    if not name:
+        return f"no {CONFIG_NAME} (a component folder) and no flat model.json"
+    return (f"no {name}.json (flat layout: {name}.json + {name}.safetensors) and no {name}/{CONFIG_NAME} "
+            "(component folder)")
+
+
+class SavedConfig(typing.NamedTuple):
+    """A saved module's description, from either layout (see :func:`read_saved_config`)."""
+
+    class_path: Any         #: the ``"class"`` string (validated by the loader)
+    family: Any             #: the saved family name (for messages)
+    kwargs: dict            #: the constructor's keyword arguments
+    path: Path              #: the config file read (``name.json`` or ``folder/config.json``)
+    weights: Path           #: the weights file next to it
+    raw: dict               #: the whole config file (a component folder's ``config.json``: diffusers keys too)
+
+
+def read_saved_config(kind: str, path: Path) -> SavedConfig:
+    """Read the config of a module :func:`find_saved` found (``kind`` ``"flat"``: ``path`` is ``name.json``;
+    ``"folder"``: ``path`` is the component folder) without building it; every malformed file is a
+    ``ValueError`` naming it."""
+    if kind == "flat":
+        meta = read_json(path, "a visar model config")
+        if not (isinstance(meta, dict) and isinstance(meta.get("class"), str) and isinstance(meta.get("config"), dict)):
+            raise ValueError(f"{path} is not a visar model config: it needs a \"class\" string and a \"config\" "
+                             "object (written by save_pretrained)")
+        return SavedConfig(meta["class"], meta.get("family"), meta["config"], path, path.with_suffix(".safetensors"),
+                           meta)
+    cfg_path = path / CONFIG_NAME
+    cfg = read_json(cfg_path, "a visar component config")
+    meta = cfg.get("_visar") if isinstance(cfg, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != COMPONENT_FORMAT:
+        raise ValueError(f"{cfg_path} is not a visar component config (no \"_visar\" entry with \"format\": "
+                         f"\"{COMPONENT_FORMAT}\"); a diffusers VAE folder loads with "
+                         "visar.convert.mar.load_tokenizer, other models with their converter (visar convert)")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > COMPONENT_VERSION:
+        raise ValueError(f"{cfg_path} has component format version {version!r}; this visar reads up to "
+                         f"{COMPONENT_VERSION}: upgrade visar")
+    weights = meta.get("weights", WEIGHTS_NAME)
+    if not isinstance(weights, str) or "/" in weights or "\\" in weights or weights.startswith("."):
+        raise ValueError(f"{cfg_path}: \"_visar\".\"weights\" must be a file name in the folder, got {weights!r}")
+    kwargs = meta.get("config")
+    if kwargs is None:
+        kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{cfg_path}: \"_visar\".\"config\" must be an object of constructor arguments")
+    return SavedConfig(meta.get("class"), meta.get("family"), kwargs, cfg_path, path / weights, cfg)
 
 
 def as_torch_dtype(value: Any, name: str = "torch_dtype") -> torch.dtype | None:
@@ -154,9 +221,7 @@ class Configurable(nn.Module):
         """
         dtype = as_torch_dtype(torch_dtype)
         d = Path(directory)
-        found = component_path(d, name)
-        if found is None and name and (d / CONFIG_NAME).is_file():
-            found = ("folder", d)  # the component folder itself was given (e.g. a saved draft generator)
+        found = find_saved(d, name)  # or the component folder itself (e.g. a saved draft generator)
         if found is None:
             where = d / name if name else d
             flat = f" and no flat {d / (name + '.json')}" if name else ""
@@ -166,8 +231,16 @@ class Configurable(nn.Module):
                         f"with {cls.__name__}.from_pretrained(folder / 'generator') (or 'tokenizer').")
             raise FileNotFoundError(f"saved visar model not found at {where}: no {CONFIG_NAME} there (a component "
                                     f"folder written by save_pretrained){flat}.{hint}")
-        kind, path = found
-        model = _load_folder(cls, path, map_location) if kind == "folder" else _load_flat(cls, path, map_location)
+        saved = read_saved_config(*found)
+        target = _check_class(cls, saved.class_path, saved.path, saved.family)
+        try:
+            model = target(**saved.kwargs)
+        except TypeError as e:
+            if found[0] == "flat":
+                raise
+            raise ValueError(f"{saved.path} does not fit {saved.class_path}: {e}") from e
+        convert = target.state_from_component if found[0] == "folder" else None
+        _load_state(model, saved.weights, map_location, convert, saved.raw)
         return model.to(dtype) if dtype is not None else model
 
 
@@ -188,46 +261,6 @@ def _load_state(model: nn.Module, weights: Path, map_location: Any, convert=None
         state = convert(state, meta)
     check_finite_state(state, str(weights))
     load_state_strict(model, state, source=str(weights))
-
-
-def _load_flat(cls: type, cfg_path: Path, map_location: Any) -> "Configurable":
-    meta = read_json(cfg_path, "a visar model config")
-    if not isinstance(meta, dict) or not isinstance(meta.get("class"), str) or not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{cfg_path} is not a visar model config: it needs a \"class\" string and a \"config\" "
-                         "object (written by save_pretrained)")
-    target = _check_class(cls, meta["class"], cfg_path, meta.get("family"))
-    model = target(**meta["config"])
-    _load_state(model, cfg_path.with_suffix(".safetensors"), map_location)
-    return model
-
-
-def _load_folder(cls: type, folder: Path, map_location: Any) -> "Configurable":
-    cfg_path = folder / CONFIG_NAME
-    cfg = read_json(cfg_path, "a visar component config")
-    meta = cfg.get("_visar") if isinstance(cfg, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != COMPONENT_FORMAT:
-        raise ValueError(f"{cfg_path} is not a visar component config (no \"_visar\" entry with \"format\": "
-                         f"\"{COMPONENT_FORMAT}\"); a diffusers VAE folder loads with "
-                         "visar.convert.mar.load_tokenizer, other models with their converter (visar convert)")
-    version = meta.get("version")
-    if not isinstance(version, int) or version > COMPONENT_VERSION:
-        raise ValueError(f"{cfg_path} has component format version {version!r}; this visar reads up to "
-                         f"{COMPONENT_VERSION}: upgrade visar")
-    weights = meta.get("weights", WEIGHTS_NAME)
-    if not isinstance(weights, str) or "/" in weights or "\\" in weights or weights.startswith("."):
-        raise ValueError(f"{cfg_path}: \"_visar\".\"weights\" must be a file name in the folder, got {weights!r}")
-    target = _check_class(cls, meta.get("class"), cfg_path, meta.get("family"))
-    kwargs = meta.get("config")
-    if kwargs is None:
-        kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"{cfg_path}: \"_visar\".\"config\" must be an object of constructor arguments")
-    try:
-        model = target(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{cfg_path} does not fit {meta['class']}: {e}") from e
-    _load_state(model, folder / weights, map_location, target.state_from_component, cfg)
-    return model
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
