@@ -29,7 +29,7 @@ from visar.nn.guidance import is_guided
 from visar.registry import register
 from visar.samplers.base import Sampler
 from visar.samplers.compiled import StepCompiler
-from visar.samplers.logits import cfg_mix, check_finite, process_logits, sample_categorical
+from visar.samplers.logits import cfg_mix, check_finite, draw_from_logits
 from visar.samplers.options import check_common, check_option_names
 
 #: the options of the loop and their defaults (LlamaGen's ``sample``)
@@ -69,10 +69,12 @@ def guided_logits(logits: torch.Tensor, batch: int, cfg_scale: float, token_inde
 
 def draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
          generator: torch.Generator | None) -> torch.Tensor:
-    """Process ``logits [B, V]`` (temperature, top-k, top-p), softmax, one multinomial: ``[B]``."""
+    """Process ``logits [B, V]`` (temperature, top-k, top-p), softmax, one multinomial: ``[B]``.
+
+    One op (:func:`visar.samplers.logits.draw_from_logits`: the fused kernel on CUDA); on the CPU the tokens and
+    the generator's state are those of ``sample_categorical(softmax(process_logits(...)))``."""
     check_finite(logits, "autoregressive sampling")
-    probs = torch.softmax(process_logits(logits, temperature, top_k, top_p), dim=-1)
-    return sample_categorical(probs, generator)
+    return draw_from_logits(logits, temperature, top_k, top_p, generator)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 
 from visar.conditions import Condition
 from visar.registry import get, names
-from visar.samplers.options import apply_aliases, check_common, check_option_names
+from visar.samplers.options import UNIVERSAL, apply_aliases, check_common, check_option_names
 
 
 class Sampler:
@@ -35,7 +35,7 @@ class Sampler:
 
     def __init__(self, **options: Any):
         options = apply_aliases(options, type(self).__name__, self.defaults)  # guidance_scale -> cfg_scale
-        check_option_names(options, self.defaults, f"{type(self).__name__}")
+        check_option_names(options, {**UNIVERSAL, **self.defaults}, f"{type(self).__name__}")
         self.options = dict(options)
         check_common(self.options)
         #: what the last call counted (filled by :meth:`run`)
@@ -55,7 +55,7 @@ class Sampler:
     def resolve(self, options: dict[str, Any]) -> dict[str, Any]:
         """Constructor options, then call options, over :attr:`defaults`; validated."""
         options = apply_aliases(options, type(self).__name__, self.defaults)
-        check_option_names(options, self.defaults, f"{type(self).__name__}")
+        check_option_names(options, {**UNIVERSAL, **self.defaults}, f"{type(self).__name__}")
         opts = {**self.defaults, **self.options, **options}
         check_common(opts)
         self.validate(opts)
@@ -75,6 +75,11 @@ class Sampler:
             raise TypeError(f"generator must be a torch.Generator (for seeded draws) or None, got "
                             f"{type(generator).__name__}")
         self.stats = {}
+        if opts.pop("fast_linear", False):  # every sampler's option: the small-row linear route around the run
+            from visar.ops import fast_small_linear
+
+            with fast_small_linear():
+                return self.run(model, cond, generator, **opts)
         return self.run(model, cond, generator, **opts)
 
     def run(self, model: Any, cond: Condition, generator: torch.Generator | None, **options: Any) -> Any:

@@ -14,6 +14,8 @@ One name per knob and one meaning across families (table in ``docs/architecture.
 ``progress``   show a tqdm bar (by step)
 ``compile``    ``torch.compile`` the per-step function (:mod:`visar.samplers.compiled`); the first
                call of each shape compiles (``stats["compile_s"]``)
+``fast_linear`` CPU float32: linear layers over 2-7 rows as ``mm(W, x^T)`` (:mod:`visar.ops.linear`);
+               every sampler takes it; off by default (last-bit differences, ~2e-6 relative)
 ============== =============================================================================
 
 Old or family-specific spellings fail with a message naming the right one (:data:`RENAMED`). Other
@@ -41,6 +43,9 @@ RENAMED = {
 #: ``cfg_scale``, same meaning: 1 = no guidance); :func:`apply_aliases` maps them
 ALIASES = {"guidance_scale": "cfg_scale"}
 
+#: options every sampler takes (handled by :class:`visar.samplers.base.Sampler` around its run) -> default
+UNIVERSAL = {"fast_linear": False}
+
 #: one-line meanings, for help texts and error messages
 MEANINGS = {
     "cfg_scale": "guidance scale s in u + s (c - u); 1 disables guidance",
@@ -54,6 +59,8 @@ MEANINGS = {
     "progress": "show a progress bar",
     "compile": "torch.compile the per-step function over fixed shapes (CUDA graphs on CUDA); the first call "
                "compiles (tens of seconds per graph on a CPU), later calls with the same shapes reuse it",
+    "fast_linear": "CPU float32: compute linear layers over 2-7 rows (batch 1-3 with guidance) as mm(W, x^T), "
+                   "faster there; results differ in the last bits (~2e-6 relative) from the default",
 }
 
 #: options only some samplers take -> why the others refuse them
@@ -161,12 +168,12 @@ def check_common(options: dict) -> None:
     """Validate the shared knobs present in ``options`` (others are the sampler's business)."""
     checks = {"cfg_scale": check_cfg_scale, "temperature": check_temperature, "top_k": check_top_k,
               "top_p": check_top_p, "cfg_schedule": lambda v: check_choice("cfg_schedule", v, ("constant", "linear")),
-              "compile": lambda v: check_flag("compile", v)}
+              "compile": lambda v: check_flag("compile", v), "fast_linear": lambda v: check_flag("fast_linear", v)}
     for name, fn in checks.items():
         if name in options and options[name] is not None:
             fn(options[name])
 
 
-__all__ = ["RENAMED", "ALIASES", "MEANINGS", "NOT_EVERYWHERE", "apply_aliases", "check_option_names",
+__all__ = ["RENAMED", "ALIASES", "UNIVERSAL", "MEANINGS", "NOT_EVERYWHERE", "apply_aliases", "check_option_names",
            "check_cfg_scale", "check_temperature", "check_top_k", "check_top_p", "check_positive_int", "check_choice",
            "check_flag", "check_common"]
