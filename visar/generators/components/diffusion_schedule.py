@@ -38,6 +38,36 @@ def cosine_betas(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.99
                      for i in range(num_steps)], dtype=np.float64)
 
 
+def linear_betas(num_steps: int = 1000) -> np.ndarray:
+    """DDPM's linear betas ``[num_steps]`` (float64): ``1e-4`` to ``0.02`` for 1000 steps, both ends scaled by
+    ``1000 / num_steps`` (ADM's ``"linear"`` schedule)."""
+    scale = 1000 / num_steps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+
+
+#: base noise schedules of the diffusion head: ``"cosine"`` (MAR, the default) and ``"linear"`` (a visar option)
+NOISE_SCHEDULES = ("cosine", "linear")
+
+
+def check_noise_schedule(noise_schedule) -> str:
+    """``noise_schedule`` must be one of :data:`NOISE_SCHEDULES`, else ``ValueError``."""
+    if not isinstance(noise_schedule, str) or noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES} ('cosine' is MAR's; 'linear' trains on a "
+                         f"CPU budget, docs/continuous.md), got {noise_schedule!r}")
+    return noise_schedule
+
+
+def base_betas(noise_schedule: str = "cosine", num_steps: int = 1000) -> np.ndarray:
+    """Betas ``[num_steps]`` (float64) of a named schedule (:data:`NOISE_SCHEDULES`).
+
+    ``"cosine"`` clips its last beta at 0.999, so ``abar`` ends at 2.4e-9 (1000 steps) and the first reverse step
+    of a respaced chain multiplies an error of the predicted noise by ``sqrt(abar_prev / abar_T)`` (1327 at 25
+    steps, 316 at 100, 126 at 250); ``"linear"`` ends at 4.0e-5, a factor 1.5 / 1.1 / 1.04.
+    """
+    check_noise_schedule(noise_schedule)
+    return cosine_betas(num_steps) if noise_schedule == "cosine" else linear_betas(num_steps)
+
+
 def space_timesteps(num_steps: int, count: int) -> list[int]:
     """Kept timesteps (sorted) when respacing ``num_steps`` to ``count`` steps, official rounding."""
     if not 1 <= count <= num_steps:
@@ -51,11 +81,12 @@ def space_timesteps(num_steps: int, count: int) -> list[int]:
 
 
 class DiffusionSchedule:
-    """Tables of a (possibly respaced) cosine diffusion.
+    """Tables of a (possibly respaced) cosine (or linear) diffusion.
 
     Args:
         num_train_steps: ``T`` of the base schedule (1000 in MAR).
         num_steps: respaced length ``S`` (``None`` = no respacing, the training schedule).
+        noise_schedule: ``"cosine"`` (MAR) or ``"linear"`` (:func:`base_betas`).
 
     Attributes:
         timestep_map: ``LongTensor [S]`` original timestep of each respaced step.
@@ -63,8 +94,9 @@ class DiffusionSchedule:
         log_betas: ``log(betas)``, the upper end of the learned-range variance.
     """
 
-    def __init__(self, num_train_steps: int = 1000, num_steps: int | None = None):
-        base = cosine_betas(num_train_steps)
+    def __init__(self, num_train_steps: int = 1000, num_steps: int | None = None, noise_schedule: str = "cosine"):
+        base = base_betas(noise_schedule, num_train_steps)
+        self.noise_schedule = noise_schedule
         keep = list(range(num_train_steps)) if num_steps is None else space_timesteps(num_train_steps, num_steps)
         base_abar = np.cumprod(1.0 - base, axis=0)
         # the official code respaces even the full schedule, which re-derives the betas from abar
@@ -120,6 +152,7 @@ class DiffusionSchedule:
 
 
 @lru_cache(maxsize=16)
-def get_schedule(num_train_steps: int = 1000, num_steps: int | None = None) -> DiffusionSchedule:
+def get_schedule(num_train_steps: int = 1000, num_steps: int | None = None,
+                 noise_schedule: str = "cosine") -> DiffusionSchedule:
     """Cached :class:`DiffusionSchedule` (tables are immutable)."""
-    return DiffusionSchedule(num_train_steps, num_steps)
+    return DiffusionSchedule(num_train_steps, num_steps, noise_schedule)

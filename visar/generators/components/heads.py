@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visar.generators.components.diffusion_schedule import get_schedule
+from visar.generators.components.diffusion_schedule import check_noise_schedule, get_schedule
 from visar.generators.components.draws import given_or_drawn
 from visar.nn.adaln import norm_modulate
 from visar.nn.embeddings import TimestepEmbedding
@@ -95,6 +95,14 @@ def check_x0_clip_for_head(head: str, x0_clip) -> None:
     check_x0_clip(x0_clip)
     if x0_clip is not None and head != "diffusion":
         raise ValueError(f"x0_clip applies to the diffusion head only; leave it None with head={head!r}")
+
+
+def check_noise_schedule_for_head(head: str, noise_schedule) -> None:
+    """Constructor ``noise_schedule`` of a generator with a ``head`` kind: valid, and ``"cosine"`` (the default)
+    unless ``"diffusion"`` (a flow head has no noise schedule)."""
+    check_noise_schedule(noise_schedule)
+    if noise_schedule != "cosine" and head != "diffusion":
+        raise ValueError(f"noise_schedule applies to the diffusion head only; leave it 'cosine' with head={head!r}")
 
 
 def check_head_x0_clip(head: nn.Module, x0_clip=MODEL_X0_CLIP) -> None:
@@ -288,6 +296,9 @@ class DiffusionHead(ReverseStepHead, nn.Module):
         grad_checkpointing: recompute blocks in the backward pass.
         x0_clip: default clamp of the predicted clean token, ``None`` (the official sampler, bit-identical
             to MAR) or a finite number > 0; ``sample_head`` and :meth:`step_gaussian` can override it per call.
+        noise_schedule: ``"cosine"`` (MAR, bit-exact with the official head) or ``"linear"`` (DDPM's betas, a
+            visar option: no eps-error blow-up at the first reverse step, so a briefly trained head samples its
+            data without ``x0_clip``; ``docs/continuous.md``, "Training the diffusion head on a CPU budget").
 
     Why ``x0_clip``: every reverse step predicts the clean token
     ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` and forms the posterior mean from it. The cosine
@@ -305,10 +316,11 @@ class DiffusionHead(ReverseStepHead, nn.Module):
 
     def __init__(self, token_dim: int, cond_dim: int, width: int = 1024, depth: int = 6,
                  num_sampling_steps: int = 100, num_train_steps: int = 1000, grad_checkpointing: bool = False,
-                 x0_clip: float | None = None):
+                 x0_clip: float | None = None, noise_schedule: str = "cosine"):
         super().__init__()
         check_head_args(num_sampling_steps, 1.0, num_train_steps, min_steps=2)
         check_x0_clip(x0_clip)
+        self.noise_schedule = check_noise_schedule(noise_schedule)
         self.token_dim, self.num_train_steps, self.num_sampling_steps = token_dim, num_train_steps, num_sampling_steps
         self.x0_clip = None if x0_clip is None else float(x0_clip)
         self.net = SimpleMLPAdaLN(token_dim, width, 2 * token_dim, cond_dim, depth, grad_checkpointing)
@@ -341,7 +353,7 @@ class DiffusionHead(ReverseStepHead, nn.Module):
         if target.dim() != 2 or target.shape[1] != self.token_dim or z.shape[0] != target.shape[0]:
             raise ValueError(f"target must be [N, {self.token_dim}] with one z row per token; got target "
                              f"{tuple(target.shape)}, z {tuple(z.shape)}")
-        sch = get_schedule(self.num_train_steps, None)
+        sch = get_schedule(self.num_train_steps, None, self.noise_schedule)
         n = target.shape[0]
         T, dev = self.num_train_steps, target.device
         t = given_or_drawn("t", t, lambda: torch.randint(0, T, (n,), generator=generator, device=dev),
@@ -404,7 +416,7 @@ class DiffusionHead(ReverseStepHead, nn.Module):
     @torch.no_grad()
     def schedule(self, steps: int):
         """The respaced schedule of ``steps`` sampling steps (cached)."""
-        return get_schedule(self.num_train_steps, steps)
+        return get_schedule(self.num_train_steps, steps, self.noise_schedule)
 
     def reverse_gaussian(self, schedule, x: torch.Tensor, index: int, z: torch.Tensor, cfg, guided: bool,
                          x0_clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,8 @@ from torch import nn
 
 from visar.generators.base import Condition, Generator
 from visar.generators.components.draws import check_draw, given_or_drawn
-from visar.generators.components.heads import DiffusionHead, FlowHead, check_x0_clip_for_head
+from visar.generators.components.heads import (DiffusionHead, FlowHead, check_noise_schedule_for_head,
+                                               check_x0_clip_for_head)
 from visar.generators.protocol import StepState
 from visar.nn.attention import Attention
 from visar.nn.mlp import GeluMlp
@@ -157,6 +158,8 @@ class MaskedGenerator(Generator):
             token while sampling (visar option, saved with the model config); ``None`` = the official
             sampler. A head trained briefly from scratch needs it (5.0 for ~unit-std latents), see
             :class:`~visar.generators.components.heads.DiffusionHead`.
+        noise_schedule: diffusion head only: ``"cosine"`` (MAR) or ``"linear"`` (visar option, saved with the
+            model config; trains on a CPU budget, ``docs/continuous.md``).
     """
 
     family = "mar"
@@ -171,9 +174,10 @@ class MaskedGenerator(Generator):
                  label_drop_prob: float = 0.1, class_num: int = 1000, attn_dropout: float = 0.1,
                  proj_dropout: float = 0.1, buffer_size: int = 64, diffloss_d: int = 3, diffloss_w: int = 1024,
                  num_sampling_steps: int = 100, diffusion_batch_mul: int = 4, grad_checkpointing: bool = False,
-                 head: str = "diffusion", x0_clip: float | None = None):
+                 head: str = "diffusion", x0_clip: float | None = None, noise_schedule: str = "cosine"):
         super().__init__()
         check_x0_clip_for_head(head, x0_clip)
+        check_noise_schedule_for_head(head, noise_schedule)
         if img_size % (vae_stride * patch_size):
             raise ValueError(f"img_size {img_size} must be a multiple of vae_stride * patch_size = "
                              f"{vae_stride * patch_size}")
@@ -211,7 +215,8 @@ class MaskedGenerator(Generator):
         steps = int(num_sampling_steps)
         if head == "diffusion":
             self.head = DiffusionHead(self.token_embed_dim, Dd, diffloss_w, diffloss_d, steps,
-                                      grad_checkpointing=grad_checkpointing, x0_clip=x0_clip)
+                                      grad_checkpointing=grad_checkpointing, x0_clip=x0_clip,
+                                      noise_schedule=noise_schedule)
         elif head == "flow":
             self.head = FlowHead(self.token_embed_dim, Dd, diffloss_w, diffloss_d, steps,
                                  grad_checkpointing=grad_checkpointing)

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from visar.generators.base import Condition, Generator
-from visar.generators.components.heads import DiffusionHead, FlowHead, check_x0_clip_for_head
+from visar.generators.components.heads import (DiffusionHead, FlowHead, check_noise_schedule_for_head,
+                                               check_x0_clip_for_head)
 from visar.generators.components.llama_trunk import LlamaTrunk, init_llama_weights
 from visar.generators.masked.mar import patchify, unpatchify
 from visar.generators.components.token_cache_steps import CachedTokenSteps
@@ -59,6 +60,8 @@ class NextTokenContinuousGenerator(CachedTokenSteps, Generator):
             token while sampling (saved with the model config); ``None`` = MAR's sampler. A head trained
             briefly from scratch needs it (5.0 for ~unit-std latents), see
             :class:`~visar.generators.components.heads.DiffusionHead`.
+        noise_schedule: diffusion head only: ``"cosine"`` (MAR) or ``"linear"`` (visar option, saved with the
+            model config; trains on a CPU budget, ``docs/continuous.md``).
     """
 
     # continuous tokens: the steps emit the token head's conditioning, drawn by the continuous AR sampler
@@ -71,9 +74,10 @@ class NextTokenContinuousGenerator(CachedTokenSteps, Generator):
                  diffusion_batch_mul: int = 4, class_dropout: float = 0.1, ffn_hidden: int | None = None,
                  rope_base: float = 10000.0, norm_eps: float = 1e-5, token_dropout: float = 0.0,
                  attn_dropout: float = 0.0, resid_dropout: float = 0.0, ffn_dropout: float = 0.0,
-                 x0_clip: float | None = None):
+                 x0_clip: float | None = None, noise_schedule: str = "cosine"):
         super().__init__()
         check_x0_clip_for_head(head, x0_clip)
+        check_noise_schedule_for_head(head, noise_schedule)
         if grid_size % patch_size:
             raise ValueError(f"grid_size {grid_size} must be a multiple of patch_size {patch_size}")
         if not 0.0 <= class_dropout < 1.0:
@@ -92,7 +96,7 @@ class NextTokenContinuousGenerator(CachedTokenSteps, Generator):
         init_llama_weights(self)
         if head == "diffusion":
             self.head = DiffusionHead(self.token_dim, dim, head_width, head_depth, num_sampling_steps,
-                                      x0_clip=x0_clip)
+                                      x0_clip=x0_clip, noise_schedule=noise_schedule)
         elif head == "flow":
             self.head = FlowHead(self.token_dim, dim, head_width, head_depth, num_sampling_steps)
         else:
