@@ -17,7 +17,7 @@ from visar.registry import Preset  # noqa: F401  (re-exported: presets are data,
 
 ASSETS = Path(__file__).parent / "assets"
 #: bundled pipelines: name -> folder under visar/assets
-BUNDLED = {"shapes-llamagen": "shapes-llamagen"}
+BUNDLED = {"shapes-llamagen": "shapes-llamagen", "shapes-llamagen-t2i": "shapes-llamagen-t2i"}
 DEFAULT_MODEL = "shapes-llamagen"
 
 
@@ -75,12 +75,16 @@ def describe(name: str) -> dict[str, Any]:
     ``"random"`` for a preset (a configuration; ``create`` builds it with random weights). ``params`` counts
     parameters (a preset is built on the ``meta`` device, so nothing is allocated).
     """
-    import json
-
     if name in BUNDLED:
-        folder = ASSETS / BUNDLED[name]
-        family = json.loads((folder / "generator.json").read_text()).get("family", "?")
-        params = sum(_safetensors_numel(folder / f"{part}.safetensors") for part in ("tokenizer", "generator"))
+        from visar.utils.config import find_saved, read_saved_config
+
+        folder, family, params = ASSETS / BUNDLED[name], "?", 0
+        for part in ("tokenizer", "generator"):  # flat (name.json) or component-folder layout
+            found = find_saved(folder, part)
+            if found is not None:
+                saved = read_saved_config(*found)
+                family = saved.family or family if part == "generator" else family
+                params += _safetensors_numel(saved.weights)
         return {"name": name, "weights": "trained", "kind": "pipeline", "family": family, "params": params}
     import torch
 
