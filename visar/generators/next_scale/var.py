@@ -140,8 +140,8 @@ class NextScaleState(StepState):
         pos: sequence position of ``x``'s first token (``begin_ends[k][0]``).
         cache: static KV cache over the ``L`` positions; ``None`` in naive mode, where ``prefix`` holds
             every embedded input so far and each step re-runs all of it (block-causal mask).
-        forward: the cached per-scale function (:meth:`NextScaleGenerator.forward_scale` or its
-            ``torch.compile`` d version).
+        forward: the cached per-scale function (:meth:`NextScaleGenerator.forward_scale`; the sampler puts its
+            compiled version here with ``compile=True``, :mod:`visar.samplers.compiled`).
     """
 
     labels: torch.Tensor
@@ -156,9 +156,6 @@ class NextScaleState(StepState):
     forward: Callable | None = None
 
 
-#: ``torch.compile`` d :meth:`NextScaleGenerator.forward_scale` per generator class (the model is an argument,
-#: so nothing is stored on a model: deep copies and state dicts stay plain)
-_COMPILED: dict[type, Callable] = {}
 
 
 @register("family", "var")
@@ -414,18 +411,15 @@ class NextScaleGenerator(Generator):
         return ce.view(B, -1).mul(weight).sum(-1).mean()
 
     # ---- step protocol (NextScaleModel; the loop is visar.samplers.next_scale) ------------------------------
-    def start(self, cond: Condition | torch.Tensor | Sequence[int], guided: bool = False, *, use_cache: bool = True,
-              compile: bool = False) -> NextScaleState:
+    def start(self, cond: Condition | torch.Tensor | Sequence[int], guided: bool = False, *,
+              use_cache: bool = True) -> NextScaleState:
         """State of a sample of class ids ``cond`` (``[B]``, validated) with scale 0's input pending.
 
         Args:
             guided: add the null-class rows (``R = 2B``) for classifier-free guidance.
             use_cache: preallocate a static KV cache over ``L`` positions; ``False`` is the naive mode that
                 re-runs the whole prefix at every scale (same logits up to float error; tests, benchmarks).
-            compile: run each scale through ``torch.compile`` d :meth:`forward_scale` (cached mode only).
         """
-        if compile and not use_cache:
-            raise ValueError("compile=True compiles the cached per-scale step; it needs use_cache=True")
         labels = self.labels_of(cond, allow_null=False)
         all_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
         cond_emb = self.class_emb(all_labels)  # [R, C]
@@ -438,7 +432,7 @@ class NextScaleGenerator(Generator):
                                dtype=x.dtype, device=x.device)
         return NextScaleState(batch=labels.shape[0], guided=guided, labels=labels, cond_emb=cond_emb,
                               mods=self.condition_mods(cond_emb), lvl_pos=lvl_pos, x=x, cache=cache,
-                              forward=self.compiled_forward_scale() if compile else self.forward_scale)
+                              forward=self.forward_scale)
 
     def step(self, state: NextScaleState, k: int) -> torch.Tensor:
         """Run scale ``k``'s pending input: logits ``[R, pn_k^2, V]`` (float32) for every row."""
@@ -485,15 +479,6 @@ class NextScaleGenerator(Generator):
         for b, m in zip(self.blocks, mods):
             h = b(h, m, mask=mask)
         return self.head_logits(h[:, pos:], cond_emb)
-
-    def compiled_forward_scale(self) -> Callable:
-        """:meth:`forward_scale` through ``torch.compile`` (static shapes: one graph per scale), compiled once per
-        class; the returned callable takes the same arguments."""
-        cls = type(self)
-        if cls not in _COMPILED:
-            _COMPILED[cls] = torch.compile(cls.forward_scale, dynamic=False)
-        fn = _COMPILED[cls]
-        return lambda *args: fn(self, *args)
 
 
 def _var(depth: int, scales=SCHEDULE_256, shared_adaln: bool = False) -> dict:
