@@ -60,15 +60,22 @@ def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None, poll_s
         os.kill(os.getpid(), sig)
 
 
-def _preexec() -> None:  # runs in the child between fork and exec; the setting survives exec
-    _prctl_pdeathsig(signal.SIGTERM)
+def _preexec_for(parent: int):
+    """The ``preexec_fn`` of a child of ``parent``: it runs in the child between fork and exec (the setting
+    survives exec). A parent that died before ``prctl`` ran would never send the signal, so the child
+    checks its parent after the link exists and ends at once if the parent is already gone."""
+    def preexec() -> None:
+        _prctl_pdeathsig(signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
 
 
 def call_tied(cmd: Sequence[str], env: dict | None = None) -> int:
     """``subprocess.call(cmd, env=env)`` whose child gets ``SIGTERM`` if this process dies (Linux); on
     Ctrl-C here the child is stopped too. Returns the child's exit status."""
     linux = sys.platform.startswith("linux")
-    with subprocess.Popen(list(cmd), env=env, preexec_fn=_preexec if linux else None) as proc:
+    with subprocess.Popen(list(cmd), env=env, preexec_fn=_preexec_for(os.getpid()) if linux else None) as proc:
         try:
             return proc.wait()
         except BaseException:
