@@ -257,7 +257,7 @@ def _write_index(path: Path, state: dict, complete: bool) -> None:
 def _encode_captions(text_encoder, unique: list[str], out: Path, index_path: Path, state: dict,
                      device: str | torch.device, progress: bool, batch_size: int = 128) -> None:
     """Phase one of a caption cache: ``captions.json``, the encoder's component folder, then the features of
-    the distinct captions in ``text_XXXXX.safetensors`` shards (resumable, like the token shards)."""
+    the distinct captions in numbered ``text_<shard>.safetensors`` shards (resumable, like the token shards)."""
     from tqdm.auto import tqdm
 
     if not (out / CAPTIONS_FILE).is_file():

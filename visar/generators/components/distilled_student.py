@@ -21,6 +21,7 @@ supplies the network (:meth:`DistilledStudent.network`), its token layout and it
 """
 from __future__ import annotations
 
+import abc
 import os
 from typing import Any, ClassVar, Sequence
 
@@ -67,7 +68,7 @@ def check_student_options(options: dict, arch: Sequence[str], allowed: Sequence[
         raise ValueError(f"unknown student options {other}; this student takes {', '.join(allowed)}")
 
 
-class DistilledStudent(Generator):
+class DistilledStudent(Generator, abc.ABC):
     """Base of the one- or two-step students (see the module docstring).
 
     A subclass's ``__init__`` calls :meth:`init_student` and builds its network; it implements
@@ -104,36 +105,37 @@ class DistilledStudent(Generator):
         self.register_buffer("codebook", torch.zeros(vocab_size, codebook_dim))
 
     # -- what a family supplies ------------------------------------------------------------------------
+    @abc.abstractmethod
     def network(self, x: torch.Tensor, labels: torch.Tensor, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, L, C]``, class ids ``[B]``, ``data [B, L]`` bool -> ``(logits [B, L, V] float32, features
         [B, L, D])``; ``logits[:, i]`` predicts the teacher's token ``i``, ``features`` feed the regression head."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def flat_tokens(self, tokens: Any, batch: int) -> torch.Tensor:
         """Validated token ids in the family's layout -> ``LongTensor [B, L]``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def tokens_out(self, flat: torch.Tensor) -> Any:
         """``[B, L]`` ids -> what the family's tokenizer decodes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def prefix_len(self, t: torch.Tensor) -> torch.Tensor:
         """``LongTensor [B]`` of states -> the number of leading positions they fix."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def teacher_mismatch(self, model: Any) -> str | None:
         """Why this student cannot stand in for the generator ``model`` (``None``: it can)."""
-        raise NotImplementedError
 
     @staticmethod
+    @abc.abstractmethod
     def tokenizer_codebook(tokenizer: Any) -> torch.Tensor:
         """The ``[V, C]`` codebook the teacher map uses, read from the teacher's tokenizer."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def from_teacher(cls, teacher: nn.Module, codebook: torch.Tensor, timesteps: Sequence[int] | None = None,
                      **options: Any) -> "DistilledStudent":
-        raise NotImplementedError
+        """A student of ``teacher`` initialised from its weights, over the ``[V, C]`` ``codebook``."""
 
     def noise_layout(self) -> str:
         """Words for the ``L`` of the noise shape in error messages."""
