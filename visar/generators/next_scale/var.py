@@ -156,8 +156,6 @@ class NextScaleState(StepState):
     forward: Callable | None = None
 
 
-
-
 @register("family", "var")
 class NextScaleGenerator(Generator):
     """VAR transformer over a multi-scale schedule.
