@@ -206,6 +206,16 @@ def score(asked: list[dict], read: list[dict]) -> dict:
     return res
 
 
+def breakdown(asked: list[dict], read: list[dict], attribute: str, by: str) -> dict[str, dict]:
+    """Accuracy of ``attribute`` per asked value of ``by`` (e.g. shape accuracy per asked size):
+    ``{value: {"num": n, "accuracy": a}}``, values in sorted order."""
+    out: dict[str, dict] = {}
+    for value in sorted({q[by] for q in asked}):
+        rows = [(q, r) for q, r in zip(asked, read) if q[by] == value]
+        out[value] = {"num": len(rows), "accuracy": sum(q[attribute] == r[attribute] for q, r in rows) / len(rows)}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- prompts
 def test_prompts(num: int, held_out=HELD_OUT, seed: int = 0, size: int = 32) -> dict[str, list[int]]:
     """Indices of ``ShapesDataset(split="test")`` items: ``num`` with a held-out pair, ``num`` without."""
@@ -293,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
         if seen is not None and g == "seen_pairs":
             novel = [i for i, c in enumerate(captions) if c not in seen]
             result["groups"]["seen_pairs_novel_caption"] = score([asked[i] for i in novel], [read[i] for i in novel])
+        result["groups"][g]["shape_by_asked"] = {by: breakdown(asked, read, "shape", by)
+                                                 for by in ("shape", "size", "position")}
         result["groups"][g]["examples"] = [{"caption": c, "read": r} for c, r in zip(captions[:5], read[:5])]
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return _emit(result, args.out)

@@ -82,3 +82,13 @@ def test_script_runs_end_to_end_on_a_tiny_pipeline(bench, tmp_path):
         "seen_pairs", "seen_pairs_novel_caption", "held_out_pairs"}
     assert res["groups"]["held_out_pairs"]["num"] == 3 and res["groups"]["seen_pairs_novel_caption"]["num"] == 3
     assert res["options"]["cfg_scale"] == 1.0 and set(res["reader_ceiling"]) == {"seen_pairs", "held_out_pairs"}
+    assert sum(v["num"] for v in res["groups"]["seen_pairs"]["shape_by_asked"]["size"].values()) == 3
+
+
+def test_breakdown_counts_each_asked_value(bench):
+    asked = [{"shape": "star", "size": "small"}, {"shape": "star", "size": "large"}, {"shape": "ring", "size": "small"}]
+    read = [{"shape": "star", "size": "small"}, {"shape": "circle", "size": "large"}, {"shape": "ring", "size": "large"}]
+    assert bench.breakdown(asked, read, "shape", "size") == {"large": {"num": 1, "accuracy": 0.0},
+                                                             "small": {"num": 2, "accuracy": 1.0}}
+    assert bench.breakdown(asked, read, "size", "shape") == {"ring": {"num": 1, "accuracy": 0.0},
+                                                             "star": {"num": 2, "accuracy": 1.0}}
