@@ -550,3 +550,11 @@ def test_flow_heads_with_a_final_std_run():
     target.head.final_std = draft.head.final_std = 0.05
     out, st = cspd(target, draft, [0, 1], k=2, cfg_scale=1.5)
     assert torch.isfinite(out).all() and st["exact"] and st["drafted"] > 0
+    # the MAR block layout with flow heads (no per-step noise: the trajectory noise is the start alone),
+    # several draft chunks per block
+    mt = zoo.create("mar-tiny", head="flow", num_sampling_steps=3).eval()
+    md = zoo.create("mar-tiny", head="flow", diffloss_w=16, diffloss_d=1, num_sampling_steps=3).eval()
+    mt.head.final_std = md.head.final_std = 0.05
+    out, st = cspd(mt, md, [2, 5], k=3, num_iter=4, cfg_scale=2.0)
+    assert out.shape == (2, 16, 8, 8) and torch.isfinite(out).all() and st["exact"]
+    assert st["target_passes"] == 4 and st["draft_passes"] == 12 and st["drafted"] == 2 * 64

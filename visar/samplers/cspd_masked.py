@@ -116,8 +116,9 @@ def _draft_block(draft: Any, dstate: Any, pair: HeadPair, tokens: torch.Tensor, 
         stats["draft_passes"] += 1
         pos = block[:, lo:hi]
         zc, zu = _head_rows(zq, pos, B, pair.guided["draft"])
-        q = pair.last_step("draft", zc, zu, cfg_q, start[:, lo:hi].reshape(-1, C),
-                           steps[:, :, lo:hi].reshape(steps.shape[0], -1, C))
+        n = B * (hi - lo)  # explicit sizes: a flow head draws no per-step noise (steps [0, B, m, C])
+        q = pair.last_step("draft", zc, zu, cfg_q, start[:, lo:hi].reshape(n, C),
+                           steps[:, :, lo:hi].reshape(steps.shape[0], n, C))
         xj = pair.draw(q)
         x[:, lo:hi] = xj.view(B, hi - lo, C)
         mean[:, lo:hi], std[:, lo:hi] = q.mean.view(B, -1, C), q.std.view(B, -1, C)
