@@ -19,7 +19,17 @@ report gives the median wall time and process CPU time of each and the median of
 * ``random``: the heads' linear layers re-drawn from ``N(0, 0.05^2)``: draft and target disagree and almost
   nothing is accepted (the floor: one token per target pass plus the draft's cost).
 
-Real speed-ups sit between the two and depend on trained models. The cost per pass (one transformer step,
+Real speed-ups sit between the two and depend on trained models: ``--target PATH --draft PATH`` runs two
+trained pipeline folders instead (e.g. the MAR shapes generator of ``configs/mar_shapes.yaml`` and its draft
+``configs/mar_shapes_draft.yaml``), with the pipeline's stored sampling options (guidance, schedule, head
+steps), ``--final-std`` as the std of both flow heads' last step (a flow head's last step is noise-free
+by default, and ``cspd`` needs a Gaussian one), ``--relaxation`` for the lossy public rule next to the
+exact one, and ``--fidelity N`` for the class fidelity of ``N`` images of each sampler (bundled shapes
+classifier; the lossless samplers must agree within sampling noise)::
+
+    OMP_NUM_THREADS=1 python benchmarks/speculative_continuous.py --target runs/mar_shapes_m1/export \
+        --draft runs/mar_shapes_draft/export --final-std 0.05 --batches 1 16 --relaxation 0.5 --fidelity 200
+ The cost per pass (one transformer step,
 one head chain) is measured separately and printed, so the timings can be read as
 ``rounds * (k * (draft step + draft chain) + target step + target chain on k + 1 tokens)``.
 For MAR, ``cspd`` reproduces the target's ``num_iter``-step law (each block in one target step), which the
@@ -41,6 +51,7 @@ from torch import nn  # noqa: E402
 from visar import zoo  # noqa: E402
 from visar.conditions import Condition  # noqa: E402
 from visar.samplers.base import get_sampler  # noqa: E402
+from visar.samplers.continuous_speculative import model_layout  # noqa: E402
 from visar.samplers.heads import sample_head  # noqa: E402
 
 
@@ -65,6 +76,34 @@ def models(layout: str, regime: str, steps: int) -> tuple[nn.Module, nn.Module]:
         randomise_heads(target)
         randomise_heads(draft)
     return target.eval(), draft.eval()
+
+
+def trained_models(target_path: str, draft_path: str, final_std: float | None):
+    """Two trained pipeline folders: ``(target generator, draft generator, target pipeline)``, evaluation
+    mode; ``final_std`` (if given) becomes the last-step std of both heads."""
+    pipe = zoo.load(target_path)
+    draft = zoo.load(draft_path).generator.eval()
+    target = pipe.generator.eval()
+    if final_std is not None:
+        if not final_std > 0:
+            raise SystemExit(f"--final-std must be > 0, got {final_std}")
+        for model in (target, draft):
+            if not hasattr(model.head, "final_std"):
+                raise SystemExit(f"{type(model.head).__name__} has no final_std to set")
+            model.head.final_std = float(final_std)
+    return target, draft, pipe
+
+
+def fidelity(pipe, sampler, num: int, batch: int, opts: dict) -> float:
+    """Class fidelity of ``num`` images (labels ``i % 10``) drawn with ``sampler`` and ``opts``."""
+    from visar.eval.classifier import class_fidelity
+    from visar.eval.sampling import chunk_seed, class_labels
+
+    labels = class_labels("balanced", num, pipe.generator.num_classes)
+    with torch.no_grad():
+        images = torch.cat([pipe.generate(labels[s:s + batch], seed=chunk_seed(0, s), sampler=sampler,
+                                          **opts).float() for s in range(0, num, batch)])
+    return class_fidelity(images, labels)
 
 
 def clock(fn) -> tuple[float, float]:
@@ -127,8 +166,20 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = none)")
     ap.add_argument("--layouts", nargs="+", default=["causal", "masked"], choices=["causal", "masked"])
     ap.add_argument("--regimes", nargs="+", default=["zero", "random"], choices=["zero", "random"])
+    ap.add_argument("--target", help="a trained pipeline folder as target (with --draft) instead of the random toys")
+    ap.add_argument("--draft", help="a trained pipeline folder whose generator is the draft (with --target)")
+    ap.add_argument("--final-std", type=float, default=None,
+                    help="trained mode: std of both heads' last step (needed for flow heads, whose default is 0)")
+    ap.add_argument("--relaxation", type=float, default=None,
+                    help="trained mode: also run the lossy public rule with this lambda")
+    ap.add_argument("--fidelity", type=int, default=0,
+                    help="trained mode: class fidelity of this many images per sampler (multiple of 10)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if (args.target is None) != (args.draft is None):
+        raise SystemExit("--target and --draft go together")
+    if args.target is not None:
+        return main_trained(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, k={args.k}, head steps {args.steps}, "
           f"cfg {args.cfg}, {args.pairs} pairs; ratios are plain / cspd (> 1: cspd faster)")
     for layout in args.layouts:
@@ -153,6 +204,58 @@ def main() -> None:
                                    dict(plain_opts, num_iter=args.num_iter * args.k))
                     print(f"    vs plain at num_iter={args.num_iter * args.k} (a finer, different law): "
                           f"wall x{fine['wall_speedup']:.2f}  cpu x{fine['cpu_speedup']:.2f}")
+
+
+def main_trained(args: argparse.Namespace) -> None:
+    """``--target``/``--draft`` mode: two trained pipelines with their stored sampling options."""
+    target, draft, pipe = trained_models(args.target, args.draft, args.final_std)
+    layout = model_layout(target)
+    if layout is None:
+        raise SystemExit(f"{args.target}: {type(target).__name__} is neither a causal continuous nor a MAR model")
+    stored = {k: v for k, v in pipe.sampling_defaults.items()
+              if k in ("cfg_scale", "cfg_schedule", "temperature", "num_steps", "num_iter")}
+    plain_opts = dict(stored)
+    opts = dict(stored, k=args.k)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread; target {args.target} "
+          f"({sum(p.numel() for p in target.parameters()) / 1e6:.2f}M), draft {args.draft} "
+          f"({sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M), layout {layout}, final_std "
+          f"{args.final_std}, k={args.k}, options {stored}, {args.pairs} pairs; ratios plain / cspd (> 1: cspd faster)")
+    variants = [("exact", {})]
+    if args.relaxation is not None:
+        variants.append((f"lossy lambda={args.relaxation}", {"relaxation": args.relaxation, "lossy": True}))
+    for batch in args.batches:
+        for name, extra in variants:
+            r = compare(target, draft, layout, batch, args.pairs, dict(opts, **extra), plain_opts)
+            s = r["stats"]
+            print(f"[{name} B={batch:2d}] plain {r['plain_wall']:.3f}s  cspd {r['cspd_wall']:.3f}s  wall "
+                  f"x{r['wall_speedup']:.2f}  cpu x{r['cpu_speedup']:.2f} | acceptance {s['test_acceptance']:.3f}, "
+                  f"tokens/target pass {s['tokens_per_target_pass']:.2f}, target passes {s['target_passes']}, "
+                  f"draft passes {s['draft_passes']}, residual proposals {s['residual_proposals']}, "
+                  f"cap hits {s['residual_cap_hits']}")
+            if layout == "masked" and "num_iter" in plain_opts:
+                fine = compare(target, draft, layout, batch, args.pairs, dict(opts, **extra),
+                               dict(plain_opts, num_iter=plain_opts["num_iter"] * args.k))
+                print(f"    vs plain at num_iter={plain_opts['num_iter'] * args.k} (a finer, different law): "
+                      f"wall x{fine['wall_speedup']:.2f}  cpu x{fine['cpu_speedup']:.2f}")
+        costs = pass_costs(target, draft, layout, batch, args.k)
+        print("    cost per pass (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
+    if args.fidelity:
+        if args.fidelity % 10:
+            raise SystemExit(f"--fidelity {args.fidelity} must be a multiple of 10 (balanced labels)")
+        plain_name = "continuous_ar" if layout == "causal" else "masked"
+        runs = [("plain, final_noise", get_sampler(plain_name, final_noise=True), plain_opts),
+                ("plain, official (no last-step noise)", get_sampler(plain_name), plain_opts)]
+        runs += [(f"cspd {name}", get_sampler("cspd", draft=draft), dict(opts, **extra)) for name, extra in variants]
+        runs.append(("draft alone, final_noise", None, plain_opts))
+        for name, sampler, o in runs:
+            if sampler is None:
+                dpipe = zoo.load(args.draft)
+                if args.final_std is not None:
+                    dpipe.generator.head.final_std = float(args.final_std)
+                f = fidelity(dpipe, get_sampler(plain_name, final_noise=True), args.fidelity, 50, o)
+            else:
+                f = fidelity(pipe, sampler, args.fidelity, 50, o)
+            print(f"class fidelity, {name}: {100 * f:.1f}% of {args.fidelity}")
 
 
 if __name__ == "__main__":
