@@ -28,10 +28,10 @@ exact one, and ``--fidelity N`` for the class fidelity of ``N`` images of each s
 classifier; the lossless samplers must agree within sampling noise)::
 
     OMP_NUM_THREADS=1 python benchmarks/speculative_continuous.py --target runs/mar_shapes_m1/export \
-        --draft runs/mar_shapes_draft/export --final-std 0.05 --batches 1 16 --relaxation 0.5 --fidelity 200
- The cost per pass (one transformer step,
-one head chain) is measured separately and printed, so the timings can be read as
-``rounds * (k * (draft step + draft chain) + target step + target chain on k + 1 tokens)``.
+        --draft runs/mar_shapes_draft/export --final-std 0.1 --batches 1 16 --relaxation 0.5 --fidelity 200
+
+The cost per pass (one transformer step, one head chain) is measured separately and printed, so the
+timings can be read as ``rounds * (k * (draft step + draft chain) + target step + target chain on k + 1 tokens)``.
 For MAR, ``cspd`` reproduces the target's ``num_iter``-step law (each block in one target step), which the
 plain sampler gets with the same target passes and no draft; the plain sampler at ``num_iter * k`` steps
 (a *different*, finer law, the public method's comparison) is reported too.
@@ -208,6 +208,8 @@ def main() -> None:
 
 def main_trained(args: argparse.Namespace) -> None:
     """``--target``/``--draft`` mode: two trained pipelines with their stored sampling options."""
+    if args.fidelity < 0 or args.fidelity % 10:
+        raise SystemExit(f"--fidelity {args.fidelity} must be a multiple of 10 (balanced labels)")
     target, draft, pipe = trained_models(args.target, args.draft, args.final_std)
     layout = model_layout(target)
     if layout is None:
@@ -240,8 +242,6 @@ def main_trained(args: argparse.Namespace) -> None:
         costs = pass_costs(target, draft, layout, batch, args.k)
         print("    cost per pass (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
     if args.fidelity:
-        if args.fidelity % 10:
-            raise SystemExit(f"--fidelity {args.fidelity} must be a multiple of 10 (balanced labels)")
         plain_name = "continuous_ar" if layout == "causal" else "masked"
         runs = [("plain, final_noise", get_sampler(plain_name, final_noise=True), plain_opts),
                 ("plain, official (no last-step noise)", get_sampler(plain_name), plain_opts)]
