@@ -10,6 +10,7 @@ the Pipeline's ``sampler="..."`` and the CLI's ``--sampler`` all resolve through
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +20,7 @@ from visar.registry import get, names
 from visar.samplers.options import UNIVERSAL, apply_aliases, check_common, check_option_names
 
 
-class Sampler:
+class Sampler(abc.ABC):
     """Base class of every sampler.
 
     Subclasses set :attr:`name`, :attr:`protocol` (the step protocol the model must implement, from
@@ -82,8 +83,9 @@ class Sampler:
                 return self.run(model, cond, generator, **opts)
         return self.run(model, cond, generator, **opts)
 
+    @abc.abstractmethod
     def run(self, model: Any, cond: Condition, generator: torch.Generator | None, **options: Any) -> Any:
-        raise NotImplementedError
+        """Draw the tokens (the sampler's loop); ``options`` are resolved and validated."""
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -32,6 +32,7 @@ reference: the MiniLM encoder names its pip package, the T5 encoder its local fo
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -138,7 +139,7 @@ class TokenizedPrompts:
     unknown: list[list[str]]
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(nn.Module, abc.ABC):
     """Base class: a frozen caption encoder, ``encoder(prompts) -> Condition(text, text_mask)``.
 
     Subclasses set :attr:`kind` (their registry name, ``@register("text_encoder", kind)``), :attr:`dim` and
@@ -153,16 +154,19 @@ class TextEncoder(nn.Module):
     max_length: int
 
     # -- what subclasses provide -------------------------------------------------------------------
+    @abc.abstractmethod
     def tokenize(self, prompts: list[str]) -> TokenizedPrompts:
-        raise NotImplementedError
+        ...  # abstract
 
+    @abc.abstractmethod
     def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Features ``[B, T, D]`` of right-padded ``ids [B, T]`` (``mask [B, T]``)."""
-        raise NotImplementedError
+        ...  # abstract
 
+    @abc.abstractmethod
     def config(self) -> dict:
         """JSON constructor arguments that rebuild this encoder (``type(self)(**config())``)."""
-        raise NotImplementedError
+        ...  # abstract
 
     def reference(self) -> dict:
         """Where the weights come from, recorded with a saved encoder (informational)."""
