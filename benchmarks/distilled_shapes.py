@@ -15,10 +15,10 @@ through the teacher's tokenizer. For every row it reports
   (:func:`visar.eval.shapes_metrics.shapes_metrics`, the measure of the bundled model);
 * ``seconds_per_image``: for each batch in ``--speed-batches``, wall and process CPU seconds per image of
   ``pipe.generate`` (tokens -> decoded images), median over ``--repeats`` timed batches after one warm-up;
-* ``network_passes``: sequential calls of the generator's first block per sampled batch (the teacher's AR
-  steps; 1 or 2 for a student);
+* ``network_passes``: sequential calls of the first block of each block stack per sampled batch
+  (:class:`visar.eval.passes.PassCounter`; the teacher's AR steps, 1 or 2 for a student);
 * a PNG grid per row (one row per class, ``--grid-per-class`` samples, seed 0) and ``grids.png``, all rows
-  side by side.
+  side by side under their names.
 
 Writes ``report.json`` and ``report.md`` into ``--out-dir`` and prints the markdown table. Training cost is not
 measured here (see docs/distillation.md for the commands and their times).
@@ -38,6 +38,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from visar.eval.passes import PassCounter  # noqa: E402
+from visar.utils.images import combine_grids  # noqa: E402
 
 
 def parse_students(specs: Sequence[str]) -> list[tuple[str, str, int]]:
@@ -63,31 +66,6 @@ def parse_students(specs: Sequence[str]) -> list[tuple[str, str, int]]:
             raise ValueError(f"student name {name!r} is given twice")
         rows.append((name, folder, steps))
     return rows
-
-
-class FirstBlockCounter:
-    """Counts calls of the first block of every ``nn.ModuleList`` named ``*blocks``/``*layers`` in a module."""
-
-    def __init__(self, module: nn.Module):
-        self.counts: dict[str, int] = {}
-        self._targets = [(n, m[0]) for n, m in module.named_modules()
-                         if isinstance(m, nn.ModuleList) and len(m) and n.split(".")[-1] in ("blocks", "layers")]
-        self._handles: list = []
-
-    def __enter__(self) -> "FirstBlockCounter":
-        for name, block in self._targets:
-            self.counts[name] = 0
-            self._handles.append(block.register_forward_hook(self._hook(name)))
-        return self
-
-    def _hook(self, name: str):
-        def hook(*_):
-            self.counts[name] += 1
-        return hook
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 def seconds_per_image(generate, num_classes: int, batch: int, repeats: int) -> dict:
@@ -117,7 +95,7 @@ def report_row(name: str, pipe, generate, model: nn.Module, args: argparse.Names
     m = shapes_metrics(images, labels, num_reference=args.num_reference, classifier=clf)
     row.update({"class_fidelity": m["class_fidelity"], "fcd": m["frechet_classifier_distance"],
                 "reference_class_fidelity": m["reference_class_fidelity"], "num_samples": m["num_samples"]})
-    with FirstBlockCounter(model) as counter:
+    with PassCounter(model) as counter:
         generate(torch.arange(2) % k, 0)
     row["network_passes"] = {n: c for n, c in counter.counts.items() if c}
     row["seconds_per_image"] = {str(b): seconds_per_image(generate, k, b, args.repeats) for b in args.speed_batches}
@@ -190,16 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rows[-1].update({"student": folder, "steps": steps})
         print(f"{name}: class fidelity {rows[-1]['class_fidelity']:.3f}", flush=True)
 
-    from PIL import Image
-    tiles = [Image.open(r["grid"]) for r in rows]
-    pad = 8
-    canvas = Image.new("RGB", (sum(t.width for t in tiles) + pad * (len(tiles) - 1), max(t.height for t in tiles)),
-                       (255, 255, 255))
-    x = 0
-    for t in tiles:
-        canvas.paste(t, (x, 0))
-        x += t.width + pad
-    canvas.save(out_dir / "grids.png")
+    combine_grids([(r["name"], r["grid"]) for r in rows], out_dir / "grids.png")
 
     meta = {"teacher": args.teacher, "teacher_options": ", ".join(f"{k}={v}" for k, v in teacher_options.items()
                                                                  if k in pipe.sampling_defaults),

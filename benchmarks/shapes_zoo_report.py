@@ -40,6 +40,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from visar.eval.passes import PassCounter  # noqa: E402
+
 
 def parse_models(specs: Sequence[str]) -> dict[str, str]:
     """``["name=path", ...]`` -> ``{name: path}`` (names unique, made of letters, digits, ``-``, ``_``, ``.``)."""
@@ -81,35 +83,6 @@ def parse_options(specs: Sequence[str], names: Sequence[str]) -> tuple[dict, dic
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-class PassCounter:
-    """Counts forward calls of the first block of every block stack (``nn.ModuleList``) of ``module``
-    that is not nested in another stack; use as a context manager, read ``counts`` ({stack name: calls})."""
-
-    def __init__(self, module: nn.Module):
-        self.stacks: list[tuple[str, nn.Module]] = []
-        for name, m in module.named_modules():
-            if isinstance(m, nn.ModuleList) and len(m) > 0 and not any(
-                    name.startswith(s + ".") for s, _ in self.stacks):
-                self.stacks.append((name, m[0]))
-        self.counts = {name: 0 for name, _ in self.stacks}
-        self._handles: list = []
-
-    def __enter__(self) -> "PassCounter":
-        for name, first in self.stacks:
-            self._handles.append(first.register_forward_hook(self._hook(name)))
-        return self
-
-    def _hook(self, name: str):
-        def hook(*_):
-            self.counts[name] += 1
-        return hook
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 def generate_balanced(pipe, num: int, batch: int, seed: int, options: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,25 +1,18 @@
 """benchmarks/distilled_shapes.py on the bundled teacher and untrained students (tiny counts: wiring, not quality)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_loader import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "visar" / "assets" / "shapes-llamagen"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("distilled_shapes", ROOT / "benchmarks" / "distilled_shapes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ds = _load()
+ds = load_benchmark("distilled_shapes")
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,18 @@
 """benchmarks/shapes_zoo_report.py on the bundled model (tiny sample counts: checks wiring, not quality)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_loader import load_benchmark
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("shapes_zoo_report", ROOT / "benchmarks" / "shapes_zoo_report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-zr = _load()
+zr = load_benchmark("shapes_zoo_report")
 
 
 def test_report_two_models(tmp_path):
