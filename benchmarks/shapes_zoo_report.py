@@ -9,7 +9,8 @@ For every ``--model NAME=PATH`` (a pipeline folder or a bundled model name) it r
 
 * ``class_fidelity``: fraction of ``--samples`` balanced (``label = i % num_classes``), seeded samples that
   the bundled shapes classifier assigns to their class, plus the Fréchet classifier distance against
-  ``--num-reference`` held-out shapes (both from :func:`visar.eval.shapes_metrics.shapes_metrics`);
+  ``--num-reference`` held-out shapes (both from :func:`visar.eval.shapes_metrics.shapes_metrics`), and the
+  fidelity of each class with the confusion counts (``per_class_fidelity``, ``confusion``);
 * ``images_per_s``: sampling throughput on this machine at batch ``--batch`` with ``--threads`` torch
   threads (tokens -> decoded images), after one untimed warm-up batch, over ``--speed-batches`` batches;
 * ``network_passes``: calls of the first block of each of the generator's block stacks
@@ -133,7 +134,8 @@ def report_model(name: str, path: str, options: dict, args: argparse.Namespace, 
     metrics = shapes_metrics(images, labels, num_reference=args.num_reference, classifier=clf, device=args.device)
     row.update({"class_fidelity": metrics["class_fidelity"], "fcd": metrics["frechet_classifier_distance"],
                 "reference_class_fidelity": metrics["reference_class_fidelity"],
-                "num_samples": metrics["num_samples"], "image_size": metrics["image_size"]})
+                "num_samples": metrics["num_samples"], "image_size": metrics["image_size"],
+                "per_class_fidelity": metrics["per_class_fidelity"], "confusion": metrics["confusion"]})
     row.update(measure_speed(pipe, args.batch, args.speed_batches, options))
     grid_labels = torch.arange(k).repeat_interleave(args.grid_per_class)
     grid = pipe.generate(grid_labels, seed=0, **options)
@@ -161,6 +163,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['name']} | {r['generator']} | {r['generator_params'] / 1e6:.2f} | "
                      f"{r['tokenizer_params'] / 1e6:.2f} | {passes(r)} | {r['images_per_s']:.1f} | "
                      f"{r['class_fidelity']:.3f} | {r['fcd']:.2f} | {opts} |")
+    scored = [r for r in rows if "per_class_fidelity" in r]
+    if scored:
+        names = list(scored[0]["per_class_fidelity"])
+        lines += ["", "Class fidelity per class:", "", "| model | " + " | ".join(names) + " |",
+                  "| --- |" + " ---: |" * len(names)]
+        for r in scored:
+            pc = r["per_class_fidelity"]
+            lines.append(f"| {r['name']} | " + " | ".join(f"{pc[n]:.2f}" if n in pc else "-" for n in names) + " |")
     ref = [r["reference_class_fidelity"] for r in rows if "reference_class_fidelity" in r]
     if ref:
         lines += ["", f"Classifier accuracy on {meta['num_reference']} held-out real shapes (ceiling of class "

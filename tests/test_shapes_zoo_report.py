@@ -44,6 +44,9 @@ def test_report_two_models(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["models"][1]["overrides"] == {"cfg_scale": 1.0}
     md = (tmp_path / "report.md").read_text()
     assert md.count("| NextTokenGenerator |") == 2 and "cfg_scale=1.0" in md
+    assert "| model | circle | square |" in md and md.count("\n| a | ") == 2  # main table and per-class table
+    for r in (a, b):
+        assert sum(map(sum, r["confusion"])) == 10 and len(r["per_class_fidelity"]) == 10
 
 
 def test_pass_counter_counts_first_block_of_each_stack():

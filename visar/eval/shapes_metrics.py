@@ -8,6 +8,10 @@ No Inception weights are needed: the bundled :class:`~visar.eval.classifier.Shap
   between the classifier's pooled features of the samples and of held-out shapes
   (``ShapesDataset(split="test")`` rendered at the samples' size). Like FID, lower is better and it is
   biased upwards for small sets: compare numbers made with the same ``num_reference`` and sample count.
+
+It also reports which classes fail: the class fidelity of each class (``per_class_fidelity``, keyed by
+:data:`~visar.data.shapes.CLASSES` name) and the confusion counts (``confusion[i][j]``: samples of class
+``i`` the classifier calls ``j``).
 """
 from __future__ import annotations
 
@@ -96,9 +100,11 @@ def shapes_metrics(samples: Any, labels: Any = None, *, num_reference: int = 200
 
     Returns:
         ``{"class_fidelity", "reference_class_fidelity", "frechet_classifier_distance", "num_samples",
-        "num_reference", "image_size"}``.
+        "num_reference", "image_size", "per_class_fidelity", "confusion"}``: ``per_class_fidelity`` maps each
+        class name that has samples to its fidelity in ``[0, 1]``; ``confusion`` is a ``num_classes x
+        num_classes`` list of int counts (rows: asked class, columns: the classifier's answer).
     """
-    from visar.data.shapes import ShapesDataset
+    from visar.data.shapes import CLASSES, ShapesDataset
     from visar.eval.classifier import load_classifier
     from visar.utils.validation import check_labels
 
@@ -119,9 +125,14 @@ def shapes_metrics(samples: Any, labels: Any = None, *, num_reference: int = 200
     ref_labels = torch.as_tensor(ref.attributes(range(num_reference))["label"], dtype=torch.long)
     s_feat, s_pred = _features_and_predictions(clf, images, batch_size, device)
     r_feat, r_pred = _features_and_predictions(clf, ref_u8, batch_size, device)
+    k = clf.num_classes
+    confusion = torch.bincount(labels * k + s_pred, minlength=k * k).reshape(k, k)
+    names = CLASSES if len(CLASSES) == k else tuple(str(c) for c in range(k))
+    per_class = {names[c]: float(confusion[c, c] / confusion[c].sum()) for c in range(k) if confusion[c].sum() > 0}
     return {
         "class_fidelity": float((s_pred == labels).float().mean()),
         "reference_class_fidelity": float((r_pred == ref_labels).float().mean()),
         "frechet_classifier_distance": frechet_distance_from_features(s_feat, *gaussian_statistics(r_feat)),
         "num_samples": len(images), "num_reference": num_reference, "image_size": int(H),
+        "per_class_fidelity": per_class, "confusion": confusion.tolist(),
     }
