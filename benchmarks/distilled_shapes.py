@@ -81,16 +81,20 @@ def seconds_per_image(generate, num_classes: int, batch: int, repeats: int) -> d
     return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
 
 
-def report_row(name: str, pipe, generate, model: nn.Module, args: argparse.Namespace, out_dir: Path, clf) -> dict:
-    from visar.eval.sampling import chunk_seed, class_labels
+def report_row(name: str, pipe, options: dict, model: nn.Module, args: argparse.Namespace, out_dir: Path,
+               clf) -> dict:
+    """One row: ``pipe.generate(..., **options)`` (``options``: ``{}`` for the teacher, ``{"sampler": ...}``
+    for a student) scored, timed, pass-counted and drawn; ``model`` is the network whose passes are counted."""
+    from visar.eval.sampling import generate_balanced
     from visar.eval.shapes_metrics import shapes_metrics
     from visar.utils.images import save_grid
 
+    def generate(labels: torch.Tensor, seed: int) -> torch.Tensor:
+        return pipe.generate(labels, seed=seed, **options)
+
     k = pipe.generator.num_classes
-    labels = class_labels("balanced", args.samples, k)
     t = time.perf_counter()
-    images = torch.cat([generate(labels[s:s + args.batch], chunk_seed(args.seed, s)).float().cpu()
-                        for s in range(0, args.samples, args.batch)])
+    images, labels = generate_balanced(pipe, args.samples, args.batch, args.seed, **options)
     row: dict[str, Any] = {"name": name, "fidelity_sampling_s": time.perf_counter() - t}
     m = shapes_metrics(images, labels, num_reference=args.num_reference, classifier=clf)
     row.update({"class_fidelity": m["class_fidelity"], "fcd": m["frechet_classifier_distance"],
@@ -158,13 +162,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          "classes: the labels would not be balanced")
     clf = load_classifier()
     teacher_options = effective_options(pipe, dict(pipe.sampling_defaults))
-    rows = [report_row("teacher", pipe, lambda y, s: pipe.generate(y, seed=s), pipe.generator, args, out_dir, clf)]
+    rows = [report_row("teacher", pipe, {}, pipe.generator, args, out_dir, clf)]
     print(f"teacher: class fidelity {rows[0]['class_fidelity']:.3f}", flush=True)
     for name, folder, steps in students:
         student = load_student(folder)
         sampler = DistilledSampler(student=student, steps=steps, codebook=pipe.tokenizer)
-        rows.append(report_row(name, pipe, lambda y, s, sm=sampler: pipe.generate(y, seed=s, sampler=sm),
-                               student, args, out_dir, clf))
+        rows.append(report_row(name, pipe, {"sampler": sampler}, student, args, out_dir, clf))
         rows[-1].update({"student": folder, "steps": steps})
         print(f"{name}: class fidelity {rows[-1]['class_fidelity']:.3f}", flush=True)
 

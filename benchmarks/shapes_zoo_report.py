@@ -86,16 +86,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def generate_balanced(pipe, num: int, batch: int, seed: int, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num`` images ``[num, 3, H, W]`` in ``[-1, 1]`` with labels ``i % num_classes``; batch ``b`` (first
-    index ``s``) is seeded with ``chunk_seed(seed, s)`` (same ``num``, ``batch``, ``seed`` -> same images)."""
-    from visar.eval.sampling import chunk_seed, class_labels
-
-    labels = class_labels("balanced", num, pipe.generator.num_classes)
-    out = [pipe.generate(labels[s:s + batch], seed=chunk_seed(seed, s), **options) for s in range(0, num, batch)]
-    return torch.cat(out).float().cpu(), labels
-
-
 def measure_speed(pipe, batch: int, batches: int, options: dict) -> dict:
     """Images per second of ``pipe.generate`` at ``batch`` (labels cycling over the classes) after one
     untimed warm-up batch, plus the network passes counted on the warm-up batch."""
@@ -112,7 +102,7 @@ def measure_speed(pipe, batch: int, batches: int, options: dict) -> dict:
 
 def report_model(name: str, path: str, options: dict, args: argparse.Namespace, out_dir: Path, clf) -> dict:
     from visar import zoo
-    from visar.eval.sampling import effective_options
+    from visar.eval.sampling import effective_options, generate_balanced
     from visar.eval.shapes_metrics import shapes_metrics
     from visar.utils.images import save_grid
 
@@ -129,7 +119,7 @@ def report_model(name: str, path: str, options: dict, args: argparse.Namespace, 
         "stored_defaults": dict(pipe.sampling_defaults), "overrides": options, "sampling_options": used,
     }
     t = time.perf_counter()
-    images, labels = generate_balanced(pipe, args.samples, args.batch, args.seed, options)
+    images, labels = generate_balanced(pipe, args.samples, args.batch, args.seed, **options)
     row["fidelity_sampling_s"] = time.perf_counter() - t
     metrics = shapes_metrics(images, labels, num_reference=args.num_reference, classifier=clf, device=args.device)
     row.update({"class_fidelity": metrics["class_fidelity"], "fcd": metrics["frechet_classifier_distance"],

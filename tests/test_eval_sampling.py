@@ -264,3 +264,26 @@ def test_sampler_is_recorded_and_reproduces_the_images(tmp_path):
     (old / "samples.json").write_text(json.dumps(data))
     assert cli.main(argv[:3] + [str(old), "--num", "4"] + argv[6:]) == 0
     assert cli.main(argv[:3] + [str(old)] + argv[4:] + ["--sampler", "jacobi"]) == 2
+
+
+def test_generate_balanced_seeds_each_batch_by_its_first_index():
+    from types import SimpleNamespace
+
+    from visar.eval.sampling import chunk_seed, generate_balanced
+
+    calls = []
+
+    def generate(labels, seed, **options):
+        calls.append((labels.tolist(), seed, options))
+        return torch.full((len(labels), 3, 4, 4), seed % 7 / 7.0, dtype=torch.float64)
+
+    pipe = SimpleNamespace(generator=SimpleNamespace(num_classes=3), generate=generate)
+    images, labels = generate_balanced(pipe, 7, 3, 5, cfg_scale=2.0)
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0] and images.shape == (7, 3, 4, 4)
+    assert images.dtype == torch.float32
+    assert [c[0] for c in calls] == [[0, 1, 2], [0, 1, 2], [0]]  # the last batch is shorter
+    assert [c[1] for c in calls] == [chunk_seed(5, 0), chunk_seed(5, 3), chunk_seed(5, 6)]
+    assert all(c[2] == {"cfg_scale": 2.0} for c in calls)
+    for bad in ({"num": 0}, {"batch": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            generate_balanced(pipe, **{"num": 7, "batch": 3, "seed": 0, **bad})

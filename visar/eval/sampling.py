@@ -61,6 +61,27 @@ def chunk_starts(indices: Sequence[int] | range, chunk_size: int) -> list[int]:
     return sorted({(i // chunk_size) * chunk_size for i in indices})
 
 
+def generate_balanced(pipe: Any, num: int, batch: int, seed: int, **options: Any) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    """``num`` seeded images with balanced labels, the sample set of the shapes benchmarks.
+
+    Labels are ``class_labels("balanced", num, K)`` (``i % K``); the batch whose first index is ``s`` is
+    ``pipe.generate(labels[s:s + batch], seed=chunk_seed(seed, s), **options)`` (the last batch may be
+    shorter), so the same ``num``, ``batch``, ``seed`` and options give the same images.
+
+    Returns:
+        float32 CPU images ``[num, 3, H, W]`` in ``[-1, 1]`` and their labels ``LongTensor [num]``.
+    """
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be a positive int, got {num!r}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    labels = class_labels("balanced", num, pipe.generator.num_classes)
+    out = [pipe.generate(labels[s:s + batch], seed=chunk_seed(seed, s), **options).float().cpu()
+           for s in range(0, num, batch)]
+    return torch.cat(out), labels
+
+
 def generate_chunk(pipe: Any, labels_of: Callable[[int, int], Sequence[int]], start: int, *, seed: int,
                    chunk_size: int, progress: bool = False, sampler: Any = None, **options: Any) -> torch.Tensor:
     """The images of global indices ``[start, start + chunk_size)`` under :data:`SEED_RULE`.

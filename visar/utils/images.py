@@ -95,7 +95,7 @@ def combine_grids(panels: Sequence[tuple[str, str | Path]], out: str | Path, gap
         x += im.width + gap
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(out)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    atomic_write_bytes(out, buf.getvalue())
     return out
