@@ -49,3 +49,26 @@ def test_generator_trains_on_a_token_cache(vq_export, tmp_path):
         "train": {**LOOP, "output_dir": str(tmp_path / "gpt")}})
     export = train(cfg)
     assert (export / "generator" / "model.safetensors").is_file() and (export / "pipeline.json").is_file()
+
+
+def test_generator_trains_with_oversampled_classes_of_a_token_cache(vq_export, tmp_path):
+    from visar.data.label_repeat import LabelRepeat
+    from visar.train.trainer import build_dataset
+
+    tok = Tokenizer.from_pretrained(vq_export, "tokenizer")
+    cache = build_token_cache(tok, ShapesDataset(size=8, length=20), tmp_path / "cache", batch_size=10,
+                              progress=False)
+    data = {"kind": "token_cache", "path": str(cache), "flip": True, "label_repeat": {6: 3, 8: 2}}
+    cfg = load_config(None, [], data={"task": "generator", "model": GPT, "tokenizer": {"path": str(vq_export)},
+                                      "data": data, "train": {**LOOP, "output_dir": str(tmp_path / "gpt")}})
+    ds = build_dataset(cfg.data)
+    assert isinstance(ds, LabelRepeat) and len(ds) == 40 + 2 * 2 * 2 + 2 * 2 * 1  # items 6, 16 (+ mirrors) x3
+    labels = ds.item_labels()
+    assert [(labels == c).sum().item() for c in range(10)] == [4, 4, 4, 4, 4, 4, 12, 4, 8, 4]
+    base = ds.dataset
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["label"] == labels[i]
+        assert torch.equal(item["tokens"], base[int(ds.positions[i])]["tokens"])
+    export = train(cfg)
+    assert (export / "generator" / "model.safetensors").is_file()

@@ -189,6 +189,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.cache = str(cache) if cache else None
         self._pixels = None
 
+    def item_labels(self) -> torch.Tensor:
+        """``LongTensor [length]``: every item's class (``index % 10``), without rendering."""
+        return torch.arange(self.length) % len(CLASSES)
+
     def pixels(self):
         """The cached ``uint8 [length, size, size, 3]`` memory map (rendered on first call), or ``None``
         without a cache."""

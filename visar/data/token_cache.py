@@ -371,6 +371,11 @@ class TokenCacheDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n * (2 if self.flip else 1)
 
+    def item_labels(self) -> torch.Tensor:
+        """``LongTensor [len(self)]``: every item's stored label (mirrored items repeat theirs)."""
+        labels = self.data["labels"].long()
+        return labels.repeat(2) if self.flip else labels
+
     def _tokens(self, i: int, mirrored: bool):
         keys = [k.replace("tokens", "tokens_flip", 1) for k in self.keys] if mirrored else self.keys
         vals = [self.data[k][i] for k in keys]

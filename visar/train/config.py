@@ -78,6 +78,10 @@ class DataConfig:
     ``cache`` (shapes only): a ``.npy`` file that memoises the rendered images as 8-bit RGB (written
     once, atomically, by a pool of processes; later runs memory-map it). Speed only: rendering costs
     ~1 ms per 32 px image on one core, too slow to feed a GPU.
+
+    ``label_repeat``: ``{class index or name: whole factor >= 1}`` lists every item of those classes that many
+    times (oversampling; :mod:`visar.data.label_repeat`), e.g. ``{diamond: 2, hexagon: 2, heart: 2}`` on
+    shapes. Names need a dataset with class names (shapes, folder); a token cache takes class indices.
     """
 
     kind: str = "shapes"
@@ -89,6 +93,7 @@ class DataConfig:
     flip: bool = False
     num_workers: int = 0
     cache: str = ""
+    label_repeat: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -369,6 +374,20 @@ def validate(cfg: TrainConfig, will_exist: Sequence[str | os.PathLike] = ()) -> 
                           f"data.kind={d.kind}")
     if cfg.task == "generator":
         _check_tokenizer_path(cfg, will_exist)
+    if d.label_repeat:
+        if d.kind == "distill_shards":
+            raise ConfigError("config key data.label_repeat does not apply to data.kind=distill_shards (teacher "
+                              "pairs carry no class to oversample)")
+        from visar.data.label_repeat import resolve_repeats
+        from visar.data.shapes import CLASSES
+
+        names = CLASSES if d.kind == "shapes" else None
+        # a folder's class names are known only once it is scanned: those keys are checked when it is built
+        keys = {k: v for k, v in d.label_repeat.items() if names is not None or not isinstance(k, str)}
+        try:
+            resolve_repeats(keys, names)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     if d.cache and d.kind != "shapes":
         raise ConfigError(f"config key data.cache only applies to data.kind=shapes (got data.kind={d.kind})")
     if t.max_minutes < 0:

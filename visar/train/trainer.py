@@ -128,7 +128,18 @@ def init_and_freeze(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 def build_dataset(d: DataConfig) -> torch.utils.data.Dataset:
-    """The dataset a ``data:`` section describes (also used by ``visar tokenize``)."""
+    """The dataset a ``data:`` section describes (also used by ``visar tokenize``), with the classes of
+    ``data.label_repeat`` listed several times."""
+    ds = _base_dataset(d)
+    if d.label_repeat:
+        from visar.data.label_repeat import LabelRepeat
+
+        ds = LabelRepeat(ds, d.label_repeat)
+        log.info("data.label_repeat %s: %d items listed (%d without repeats)", ds.repeats, len(ds), len(ds.dataset))
+    return ds
+
+
+def _base_dataset(d: DataConfig) -> torch.utils.data.Dataset:
     if d.kind == "shapes":
         from visar.data.shapes import ShapesDataset
 
