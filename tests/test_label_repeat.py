@@ -107,3 +107,20 @@ def test_the_config_key_is_checked_at_load_and_builds_the_repeated_dataset():
         load_config(None, ["data.label_repeat={7: 0}"], data={
             "task": "tokenizer", "model": {"cls": "visar.tokenizers.vq:VQTokenizer"},
             "data": {"kind": "shapes", "size": 8}, "train": {"output_dir": "/tmp/unused"}})
+
+
+def test_an_image_folder_with_flips_is_oversampled_by_class_name(tmp_path):
+    from PIL import Image
+
+    from visar.data.folder import ImageFolderDataset
+
+    for cls, n in (("cat", 2), ("dog", 3)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    base = ImageFolderDataset(tmp_path, size=8, flip=True)
+    ds = LabelRepeat(base, {"cat": 3})
+    assert len(ds) == 10 + 2 * 2 * 2
+    labels = ds.item_labels()
+    assert labels.tolist().count(base.classes.index("cat")) == 12
+    assert all(ds[i]["label"] == labels[i] for i in range(len(ds)))
