@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import torch
 
+from visar.data.views import IndexedView
+
 
 def item_labels(dataset: Any) -> torch.Tensor:
     """``LongTensor [len(dataset)]``: the class index of every item, read without loading images.
@@ -68,7 +70,7 @@ def resolve_repeats(repeats: Mapping[Any, Any], classes: Any = None) -> dict[int
     return out
 
 
-class LabelRepeat(torch.utils.data.Dataset):
+class LabelRepeat(IndexedView):
     """``dataset`` with the items of some classes listed several times (see the module docstring).
 
     Args:
@@ -80,7 +82,6 @@ class LabelRepeat(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: Any, repeats: Mapping[Any, int]):
-        self.dataset = dataset
         labels = item_labels(dataset)
         self.repeats = resolve_repeats(repeats, getattr(dataset, "classes", None))
         present = set(torch.unique(labels).tolist())
@@ -92,6 +93,7 @@ class LabelRepeat(torch.utils.data.Dataset):
         for label, k in self.repeats.items():
             counts[labels == label] = k
         self.positions = torch.repeat_interleave(torch.arange(len(labels)), counts)
+        super().__init__(dataset, self.positions)
         self._labels = labels[self.positions]
         for attr in ("classes", "num_classes"):
             if hasattr(dataset, attr):
@@ -100,24 +102,6 @@ class LabelRepeat(torch.utils.data.Dataset):
     def item_labels(self) -> torch.Tensor:
         """The label of every listed position, ``LongTensor [len(self)]``."""
         return self._labels
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, i: int) -> Any:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} items")
-        return self.dataset[int(self.positions[i])]
-
-    def __getitems__(self, indices: Any) -> list:
-        """Batched read: the wrapped dataset's ``__getitems__`` (in the listed items' order) when it has one."""
-        n = len(self)
-        bad = [i for i in indices if not -n <= int(i) < n]
-        if bad:
-            raise IndexError(f"index {bad[0]} out of range for {n} items")
-        src = [int(self.positions[int(i)]) for i in indices]
-        inner = getattr(type(self.dataset), "__getitems__", None)
-        return inner(self.dataset, src) if inner is not None else [self.dataset[i] for i in src]
 
     def __getattr__(self, name: str) -> Any:
         # the wrapped dataset's other public attributes (a token cache's check_tokenizer, has_text, ...);

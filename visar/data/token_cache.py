@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import torch
 
+from visar.data.views import IndexedView
 from visar.utils.io import atomic_write_bytes, load_safetensors, save_safetensors
 
 log = logging.getLogger("visar.data")
@@ -73,7 +74,7 @@ def dataset_captions(dataset) -> list[str]:
     return caps
 
 
-class CaptionSubset(torch.utils.data.Dataset):
+class CaptionSubset(IndexedView):
     """The items of ``dataset`` whose caption contains none of ``exclude`` (whole words, e.g. ``"red star"``).
 
     Held-out attribute combinations for text-to-image training: a model trained on the subset never saw
@@ -92,21 +93,10 @@ class CaptionSubset(torch.utils.data.Dataset):
         self.indices = [i for i, c in enumerate(caps) if not any(r.search(c) for r in pats)]
         if not self.indices:
             raise ValueError(f"every caption holds one of the excluded phrases {phrases}; nothing is left")
-        self.dataset, self.excluded = dataset, phrases
+        super().__init__(dataset, self.indices)
+        self.excluded = phrases
         self._captions = [caps[i] for i in self.indices]
         self.num_excluded = len(caps) - len(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[self.indices[i]]
-
-    def __getitems__(self, idx: Sequence[int]) -> list[dict]:
-        src = [self.indices[i] for i in idx]
-        if hasattr(self.dataset, "__getitems__"):
-            return self.dataset.__getitems__(src)
-        return [self.dataset[j] for j in src]
 
     def captions(self, indices) -> list[str]:
         return [self._captions[i] for i in indices]
