@@ -38,6 +38,8 @@ def test_image_folder_labels_flip_and_errors(tmp_path):
     assert a["image"].shape == (3, 32, 32) and -1 <= a["image"].min() and a["image"].max() <= 1
     assert torch.equal(b["image"], a["image"].flip(-1)) and a["label"] == b["label"] == 0
     assert ds[4]["label"] == 1
+    assert ds.item_labels().tolist() == [ds[i]["label"] for i in range(len(ds))]
+    assert ImageFolderDataset(root, size=32).item_labels().tolist() == ds.labels
     (root / "dog" / "bad.png").write_bytes(b"not a png")
     ds = ImageFolderDataset(root, size=32)
     bad = [i for i, f in enumerate(ds.files) if f.name == "bad.png"][0]

@@ -41,19 +41,33 @@ def test_one_epoch_of_step_batches_sees_each_repeated_item_k_times():
     assert all(per_item[i] == (4 if i % 10 == 8 else 1) for i in range(40))
 
 
-def test_labels_are_read_from_a_labels_list_with_mirrored_copies():
-    class Folderish(torch.utils.data.Dataset):
-        labels, classes = [0, 1, 1], ["cat", "dog"]
+def test_labels_are_read_from_a_labels_list_of_one_label_per_item():
+    class Labelled(torch.utils.data.Dataset):
+        labels, classes = [0, 1, 1, 0], ["cat", "dog"]
 
         def __len__(self):
-            return 6  # flip: item i + 3 mirrors item i
+            return 4
+
+        def __getitem__(self, i):
+            return {"label": self.labels[i]}
+
+    ds = LabelRepeat(Labelled(), {"cat": 5})
+    assert item_labels(Labelled()).tolist() == [0, 1, 1, 0]
+    assert len(ds) == 4 + 2 * 4 and ds.item_labels().tolist().count(0) == 10
+
+
+def test_a_labels_list_of_the_wrong_length_is_refused():
+    class Doubled(torch.utils.data.Dataset):
+        labels = [0, 1, 1]
+
+        def __len__(self):
+            return 6
 
         def __getitem__(self, i):
             return {"label": self.labels[i % 3]}
 
-    ds = LabelRepeat(Folderish(), {"cat": 5})
-    assert item_labels(Folderish()).tolist() == [0, 1, 1, 0, 1, 1]
-    assert len(ds) == 6 + 2 * 4 and ds.item_labels().tolist().count(0) == 10
+    with pytest.raises(ValueError, match="gave \\(3,\\) labels for 6 items"):
+        item_labels(Doubled())
 
 
 @pytest.mark.parametrize("repeats, classes, match", [

@@ -89,6 +89,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files) * (2 if self.flip else 1)
 
+    def item_labels(self) -> torch.Tensor:
+        """``LongTensor [len(self)]``: the class index of every item, mirrored copies included, without loading
+        any image."""
+        labels = torch.as_tensor(self.labels, dtype=torch.long)
+        return labels.repeat(2) if self.flip else labels
+
     def load(self, i: int) -> torch.Tensor:
         """The cropped, unflipped image of file ``i`` as ``[3, size, size]`` in ``[-1, 1]``."""
         from PIL import Image, UnidentifiedImageError

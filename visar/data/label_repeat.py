@@ -28,9 +28,7 @@ def item_labels(dataset: Any) -> torch.Tensor:
     if callable(fn):
         labels = torch.as_tensor(fn(), dtype=torch.long)
     elif isinstance(getattr(dataset, "labels", None), (list, tuple, torch.Tensor)):
-        labels = torch.as_tensor(dataset.labels, dtype=torch.long)
-        if len(labels) != len(dataset) and len(dataset) % max(len(labels), 1) == 0:
-            labels = labels.repeat(len(dataset) // len(labels))  # mirrored copies (item i + N = item i)
+        labels = torch.as_tensor(dataset.labels, dtype=torch.long)  # one label per item
     else:
         raise ValueError(f"{type(dataset).__name__} items carry no class labels that can be read without loading "
                          "them; data.label_repeat works with data.kind shapes, folder and token_cache")
