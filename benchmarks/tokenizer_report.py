@@ -3,8 +3,8 @@
     python benchmarks/tokenizer_report.py --tokenizer vq=runs/shapes_vq/export --tokenizer kl=runs/kl_shapes/export \
         [--size 32] [--grid-dir docs/images]
 
-For each: parameter count, reconstruction PSNR (dB, images in [0, 1]) on 500 held-out shapes (split
-"test") and on 32 px crops of scikit-image's photos (the protocol of bundled_shapes_report.py), and the
+For each: parameter count, reconstruction PSNR (dB, images in [0, 1]) on ``--num`` (default 500) held-out
+shapes (split "test") and on 32 px crops of scikit-image's photos (the protocol of bundled_shapes_report.py), and the
 bundled classifier's accuracy on the held-out reconstructions (the ceiling of class fidelity that a
 generator can reach through this tokenizer; on the originals it is ~100%). Optionally a PNG of 16
 held-out shapes over their reconstructions per tokenizer. Writes JSON to stdout.
@@ -36,16 +36,19 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grid-dir", default=None)
+    p.add_argument("--num", type=int, default=500, help="held-out shapes (the first NUM of the test split)")
     args = p.parse_args()
+    if args.num < 16:
+        p.error(f"--num must be at least 16 (the grid shows 16), got {args.num}")
     torch.set_num_threads(args.threads)
     from visar.data.shapes import ShapesDataset
     from visar.eval.classifier import class_fidelity, load_classifier
     from visar.tokenizers.base import Tokenizer
 
     clf = load_classifier()
-    x, y = ShapesDataset(size=args.size, length=500, split="test").render(range(500))
+    x, y = ShapesDataset(size=args.size, length=args.num, split="test").render(range(args.num))
     photos = photo_crops(args.size, 32)
-    out = {"classifier_acc_heldout_real": class_fidelity(x, y, clf)}
+    out = {"num_heldout": args.num, "classifier_acc_heldout_real": class_fidelity(x, y, clf)}
     for spec in args.tokenizer:
         if "=" not in spec:
             p.error(f"--tokenizer takes NAME=FOLDER, got {spec!r}")
