@@ -217,11 +217,12 @@ def test_shipped_recipes_are_valid(path, tmp_path, capsys, monkeypatch):
     for s in r.stages:
         if s.kind == "train":
             c = s.cfg
+            reads = [c.tokenizer.path or ""] if c.task == "generator" else []  # may be a bundled asset
             paths = [c.train.output_dir, str(c.export_path()), c.data.cache, c.data.path or "", c.model.init_from]
-            paths += [c.tokenizer.path or ""] if c.task == "generator" else []
+            paths += reads
         else:
+            reads = []
             paths = [str(s.folder), s.options["tokenizer"], s.options.get("cache", "")]
-        reads = [c.tokenizer.path or ""] if s.kind == "train" and c.task == "generator" else []
         for p in filter(None, paths):
             bundled = p in reads and (ROOT / p).resolve().is_relative_to(ROOT / "visar" / "assets")
             assert Path(p).is_relative_to(run) or bundled, (s.name, p)
