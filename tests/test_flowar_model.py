@@ -60,6 +60,26 @@ def test_guided_rows_share_conditional_input():
         assert torch.equal(x[0], x[1]) == (t <= 0.5)
 
 
+def test_cfg_schedule_constant_guides_every_scale():
+    """``cfg_schedule="linear"`` (official) ramps 1 -> cfg over scales; ``"constant"`` guides scale 0 too."""
+    m = tiny()
+    seen = {}
+    for schedule in ("linear", "constant"):
+        trace = []
+        m.sample([1], generator=torch.Generator().manual_seed(0), num_steps=4, cfg_scale=3.0,
+                 cfg_schedule=schedule, callback=trace.append)
+        seen[schedule] = [t["cfg_scale"] for t in trace]
+    assert seen["linear"] == [1.0, 2.0, 3.0] and seen["constant"] == [3.0, 3.0, 3.0]
+    default = m.sample([1], generator=torch.Generator().manual_seed(0), num_steps=4, cfg_scale=3.0)
+    linear = m.sample([1], generator=torch.Generator().manual_seed(0), num_steps=4, cfg_scale=3.0,
+                      cfg_schedule="linear")
+    constant = m.sample([1], generator=torch.Generator().manual_seed(0), num_steps=4, cfg_scale=3.0,
+                        cfg_schedule="constant")
+    assert torch.equal(default, linear) and not torch.equal(default, constant)
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        m.sample([1], num_steps=4, cfg_schedule="cosine")
+
+
 def test_save_load_round_trip(tmp_path):
     m = tiny(head_cross=True)
     m.save_pretrained(tmp_path)

@@ -7,7 +7,7 @@ Per scale ``k`` of ``K`` (official ``FlowAR.sample``):
    model, as the official sampler does), then moved to the model;
 3. Euler steps on :func:`euler_time_grid` from ``t = 1`` (noise) to ``t = 0``, float64 state, head
    calls in the model's dtype. Guidance ``cfg_k = 1 + (cfg_scale - 1) k / (K - 1)`` (a linear ramp over
-   scales) applies while ``guidance_low <= t <= guidance_high``: the head then sees the conditional
+   scales; ``cfg_schedule="constant"``, not in the official code, uses ``cfg_scale`` at every scale) applies while ``guidance_low <= t <= guidance_high``: the head then sees the conditional
    half twice (``[x_c; x_c]`` with the conditional and unconditional ``z``) and both halves move by
    ``d_u + cfg_k (d_c - d_u)``; outside the interval (and where ``cfg_k == 1``) each half moves on
    its own velocity;
@@ -88,6 +88,8 @@ class NextScaleFlowSampler(Sampler):
     Options:
         num_steps: Euler grid size (:func:`euler_time_grid`, integer >= 2; 25 gives 24 steps, 50 gives 50).
         cfg_scale: guidance at the finest scale (>= 0; 1 disables it and runs no unconditional rows).
+        cfg_schedule: ``"linear"`` (official: ``cfg_k = 1 + (cfg_scale - 1) k / (K - 1)`` at scale ``k`` of
+            ``K``, so the first scale is unguided) or ``"constant"`` (``cfg_scale`` at every scale).
         guidance_low, guidance_high: guidance applies while ``guidance_low <= t <= guidance_high``
             (``0 <= low <= high <= 1``).
         use_cache: static KV cache over scales (``False`` re-runs the whole prefix per scale; same result).
@@ -105,7 +107,7 @@ class NextScaleFlowSampler(Sampler):
     name = "next_scale_flow"
     protocol = NextScaleModel
     emits = "condition"
-    defaults = dict(num_steps=25, cfg_scale=4.3, guidance_high=0.9, guidance_low=0.0, use_cache=True,
+    defaults = dict(num_steps=25, cfg_scale=4.3, cfg_schedule="linear", guidance_high=0.9, guidance_low=0.0, use_cache=True,
                     callback=None, progress=False, compile=False)
 
     def validate(self, options: dict[str, Any]) -> None:
@@ -124,7 +126,7 @@ class NextScaleFlowSampler(Sampler):
 
     @torch.no_grad()
     def run(self, model: Any, cond: Condition, generator: torch.Generator | None, *, num_steps: int,
-            cfg_scale: float, guidance_high: float, guidance_low: float, use_cache: bool,
+            cfg_scale: float, cfg_schedule: str, guidance_high: float, guidance_low: float, use_cache: bool,
             callback: Callable[[dict], None] | None, progress: bool, compile: bool) -> torch.Tensor:
         from tqdm.auto import tqdm
 
@@ -147,7 +149,7 @@ class NextScaleFlowSampler(Sampler):
             z = model.step(state, k)
             self.stats["model_passes"] += 1
             noise = torch.randn(R, s * s, C, generator=generator, device=noise_dev).to(dev)
-            cfg_k = ramp(cfg_scale, k, max(K - 1, 1))
+            cfg_k = ramp(cfg_scale, k, max(K - 1, 1)) if cfg_schedule == "linear" else float(cfg_scale)
             out_rows = euler_scale(model, noise, z, grid, cfg_k, guided, guidance_low, guidance_high, on_step,
                                    velocity)
             if callback is not None:
