@@ -151,3 +151,8 @@ def test_text_to_image_training_exports_a_pipeline_with_its_encoder(encoder, tmp
     a = pipe.generate(prompts=["a small red star on a black background"], seed=0)
     assert a.shape == (1, 3, 32, 32) and torch.equal(a, pipe.generate(prompts=["a small red star on a black "
                                                                                "background"], seed=0))
+    from visar.train.export_checkpoint import export_checkpoint  # `visar export` finds the cache's encoder too
+
+    probe = Pipeline.from_pretrained(export_checkpoint(tmp_path / "run", tmp_path / "probe"))
+    assert probe.text_encoder.fingerprint() == small.fingerprint()
+    assert torch.equal(a, probe.generate(prompts=["a small red star on a black background"], seed=0))

@@ -161,6 +161,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A training checkpoint -> the run's export (a Pipeline folder for generators)."""
+    from visar.train.export_checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, weights=args.weights)
+    log.info("wrote %s (load it with visar.load(%r) for a generator)", out, str(out))
+    return 0
+
+
 def cmd_tokenize(args: argparse.Namespace) -> int:
     """Pre-tokenize a dataset into a token cache (``data.kind: token_cache`` of a generator config)."""
     from visar.utils.io import check_writable_dir
@@ -634,6 +643,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_flag(g)
     add_quiet_flag(g)
     g.set_defaults(func=cmd_t2i)
+
+    e = sub.add_parser("export", help="a training checkpoint (a run in progress or a kept step) -> the run's export: "
+                       "a pipeline folder for a generator", formatter_class=HelpFormatter)
+    e.add_argument("checkpoint", help="a run's train.output_dir (its newest complete checkpoint) or one of its "
+                   "checkpoints/step_* folders")
+    e.add_argument("--out", required=True, help="folder to write (not inside the checkpoint)")
+    e.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="EMA weights (what the run exports) or the raw trained weights (default: ema)")
+    e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list bundled models (trained weights) and presets (random weights)",
                        formatter_class=HelpFormatter)

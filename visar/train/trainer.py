@@ -583,18 +583,27 @@ def export(cfg: TrainConfig, model: nn.Module, ema: EMA, tokenizer: nn.Module | 
            text_encoder: nn.Module | None = None) -> Path:
     """Write the EMA model: a Pipeline folder (generator, with ``text_encoder`` for text-to-image), or a
     ``save_pretrained`` folder named after the task."""
-    m = ema_copy(model, ema)
+    write_export(cfg, ema_copy(model, ema), tokenizer, export_dir, text_encoder)
+    log.info("exported EMA weights to %s", export_dir)
+    return export_dir
+
+
+def write_export(cfg: TrainConfig, model: nn.Module, tokenizer: nn.Module | None, export_dir: Path,
+                 text_encoder: nn.Module | None = None) -> Path:
+    """Save ``model`` as the training task's export: for ``task: generator`` a Pipeline folder (with the
+    frozen ``tokenizer``, ``text_encoder`` for text-to-image, and ``cfg.sample.options`` as its sampling
+    defaults), else the model's ``save_pretrained`` folder named after the task."""
     if cfg.task == "generator":
         from visar.pipeline import Pipeline
 
         # the sampling options of the training-time grids become the pipeline's defaults
-        Pipeline(tokenizer, m, text_encoder=text_encoder,
+        Pipeline(tokenizer, model, text_encoder=text_encoder,
                  sampling_defaults=dict(cfg.sample.options)).save_pretrained(export_dir)
-    elif hasattr(m, "save_pretrained"):
-        m.save_pretrained(export_dir, cfg.task)
+    elif hasattr(model, "save_pretrained"):
+        model.save_pretrained(export_dir, cfg.task)
     else:
-        raise TypeError(f"{type(m).__name__} has no save_pretrained; derive it from visar.utils.config.Configurable")
-    log.info("exported EMA weights to %s", export_dir)
+        raise TypeError(f"{type(model).__name__} has no save_pretrained; derive it from "
+                        "visar.utils.config.Configurable")
     return export_dir
 
 
