@@ -16,7 +16,8 @@ GPT = {"cls": "visar.generators.next_token.llamagen:NextTokenGenerator",
 VQ = {"cls": "visar.tokenizers.vq:VQTokenizer",
       "kwargs": {"codebook_size": 16, "codebook_embed_dim": 4, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
                  "z_channels": 32}}
-LOOP = {"steps": 3, "batch_size": 4, "log_every": 1, "progress": False, "threads": 1, "save_every": 1, "keep_checkpoints": 5}
+LOOP = {"steps": 3, "batch_size": 4, "log_every": 1, "progress": False, "threads": 1, "save_every": 1,
+        "keep_checkpoints": 5}
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,15 @@ def run(tmp_path_factory):
         "sample": {"options": {"cfg_scale": 2.0, "temperature": 0.9}},
         "train": {**LOOP, "ema_decay": 0.5, "output_dir": str(root / "gpt")}})
     return root / "gpt", train(cfg)
+
+
+def test_export_of_a_tokenizer_run_is_its_save_pretrained_folder(run, tmp_path):
+    vq_run = run[0].parent / "vq"
+    out = export_checkpoint(vq_run, tmp_path / "vq")
+    want = vq_run / "export"
+    a, b = load_safetensors(out / "tokenizer.safetensors"), load_safetensors(want / "tokenizer.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads((want / "tokenizer.json").read_text())
 
 
 def test_export_of_the_last_checkpoint_equals_the_runs_export(run, tmp_path):
