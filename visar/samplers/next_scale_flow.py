@@ -7,8 +7,9 @@ Per scale ``k`` of ``K`` (official ``FlowAR.sample``):
    model, as the official sampler does), then moved to the model;
 3. Euler steps on :func:`euler_time_grid` from ``t = 1`` (noise) to ``t = 0``, float64 state, head
    calls in the model's dtype. Guidance ``cfg_k = 1 + (cfg_scale - 1) k / (K - 1)`` (a linear ramp over
-   scales; ``cfg_schedule="constant"``, not in the official code, uses ``cfg_scale`` at every scale) applies while ``guidance_low <= t <= guidance_high``: the head then sees the conditional
-   half twice (``[x_c; x_c]`` with the conditional and unconditional ``z``) and both halves move by
+   scales; ``cfg_schedule="constant"``, not in the official code, uses ``cfg_scale`` at every scale)
+   applies while ``guidance_low <= t <= guidance_high``: the head then sees the conditional half twice
+   (``[x_c; x_c]`` with the conditional and unconditional ``z``) and both halves move by
    ``d_u + cfg_k (d_c - d_u)``; outside the interval (and where ``cfg_k == 1``) each half moves on
    its own velocity;
 4. the conditional half's result becomes the next scale's input (``model.set_next_input``).
@@ -107,8 +108,8 @@ class NextScaleFlowSampler(Sampler):
     name = "next_scale_flow"
     protocol = NextScaleModel
     emits = "condition"
-    defaults = dict(num_steps=25, cfg_scale=4.3, cfg_schedule="linear", guidance_high=0.9, guidance_low=0.0, use_cache=True,
-                    callback=None, progress=False, compile=False)
+    defaults = dict(num_steps=25, cfg_scale=4.3, cfg_schedule="linear", guidance_high=0.9, guidance_low=0.0,
+                    use_cache=True, callback=None, progress=False, compile=False)
 
     def validate(self, options: dict[str, Any]) -> None:
         euler_time_grid(options["num_steps"])
