@@ -3,7 +3,8 @@ seeded 32 px images in [-1, 1] at their stored guidance, and hold float32 weight
 files:
 
 * ``var_shapes``: configs/var_shapes_generator.yaml on the fine-tuned multi-scale VQ;
-* ``ctf_shapes``: configs/ctf_shapes.yaml on the bundled VQ, whose codebook its k-means clusters must match.
+* ``ctf_shapes``: configs/ctf_shapes.yaml on the bundled VQ, whose codebook its k-means clusters must match;
+* ``flowar_shapes``: configs/flowar_shapes.yaml on the shipped KL (``benchmarks/weights/kl_shapes``, copied in).
 
 Their class fidelity is measured by benchmarks/shapes_zoo_report.py, not here.
 """
@@ -16,7 +17,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {"var_shapes": ("NextScaleGenerator", "MultiScaleVQTokenizer"),
-           "ctf_shapes": ("CoarseToFineGenerator", "VQTokenizer")}
+           "ctf_shapes": ("CoarseToFineGenerator", "VQTokenizer"),
+           "flowar_shapes": ("NextScaleFlowGenerator", "KLTokenizer")}
 
 
 @torch.no_grad()
