@@ -85,5 +85,10 @@ def test_bad_inputs(run, tmp_path, caplog):
     step = out_dir / "checkpoints" / "step_00000002"
     with pytest.raises(ValueError, match="inside the checkpoint"):
         export_checkpoint(step, step / "export")
+    from visar.utils.io import package_root
+
+    with pytest.raises(ValueError, match="inside the installed visar package"):
+        export_checkpoint(step, package_root() / "assets" / "probe")
+    assert not (package_root() / "assets" / "probe").exists()
     assert cli_main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in caplog.text

@@ -48,12 +48,13 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, weights: 
         weights: ``"ema"`` (what the trainer exports and samples with) or ``"model"`` (the raw weights).
 
     Returns ``out``. Raises ``FileNotFoundError`` for a missing checkpoint or tokenizer, ``ValueError`` for a
-    sharded checkpoint (export reads whole weights) or an ``out`` inside the checkpoint.
+    sharded checkpoint (export reads whole weights), an ``out`` inside the checkpoint or the installed package,
+    or an ``out`` that cannot be written.
     """
     from visar.convert.common import load_state_strict
     from visar.train.config import load_config
     from visar.train.trainer import build_dataset, build_model, load_frozen_tokenizer, write_export
-    from visar.utils.io import load_safetensors
+    from visar.utils.io import check_writable_dir, inside_package, load_safetensors, package_root
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
@@ -61,6 +62,10 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, weights: 
     out = Path(out)
     if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
         raise ValueError(f"out={out} is inside the checkpoint {ckpt}: choose another folder")
+    if inside_package(out):
+        raise ValueError(f"out={out} lies inside the installed visar package ({package_root()}); write exports "
+                         "elsewhere (e.g. runs/probe)")
+    check_writable_dir(out, "out")
     file = ckpt / f"{weights}.safetensors"
     if not file.is_file():
         raise ValueError(f"{ckpt} is a sharded checkpoint (train.fsdp.state_dict: sharded) and holds no whole "
