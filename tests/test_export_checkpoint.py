@@ -11,11 +11,8 @@ from visar.train.export_checkpoint import export_checkpoint, resolve_checkpoint
 from visar.train.trainer import train
 from visar.utils.io import load_safetensors
 
-GPT = {"cls": "visar.generators.next_token.llamagen:NextTokenGenerator",
-       "kwargs": {"vocab_size": 16, "dim": 32, "depth": 1, "num_heads": 2, "grid_size": 4, "num_classes": 10}}
-VQ = {"cls": "visar.tokenizers.vq:VQTokenizer",
-      "kwargs": {"codebook_size": 16, "codebook_embed_dim": 4, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-                 "z_channels": 32}}
+from test_train_generator import GPT, VQ  # the trainer tests' tiny models
+
 LOOP = {"steps": 3, "batch_size": 4, "log_every": 1, "progress": False, "threads": 1, "save_every": 1,
         "keep_checkpoints": 5}
 

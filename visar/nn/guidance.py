@@ -38,4 +38,11 @@ def ramp(cfg_scale: float, done: int | float, total: int | float) -> float:
     return 1.0 + (cfg_scale - 1.0) * done / total
 
 
-__all__ = ["cfg_mix", "is_guided", "ramp"]
+def scheduled(cfg_scale: float, schedule: str, done: int | float, total: int | float) -> float:
+    """The guidance scale under a ``cfg_schedule`` option: ``cfg_scale`` for ``"constant"``, else (``"linear"``)
+    :func:`ramp` ``(cfg_scale, done, total)``. Each sampler says what ``done`` of ``total`` counts (tokens
+    placed, scales finished); the option's value is validated by the samplers' shared checks."""
+    return cfg_scale if schedule == "constant" else ramp(cfg_scale, done, total)
+
+
+__all__ = ["cfg_mix", "is_guided", "ramp", "scheduled"]

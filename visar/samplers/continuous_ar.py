@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from visar.conditions import Condition
 from visar.generators.components.heads import MODEL_X0_CLIP, check_head_x0_clip, check_x0_clip
 from visar.generators.protocol import NextTokenModel
-from visar.nn.guidance import is_guided, ramp
+from visar.nn.guidance import is_guided, scheduled
 from visar.registry import register
 from visar.samplers.base import Sampler
 from visar.samplers.compiled import StepCompiler, head_network
@@ -39,7 +39,7 @@ def token_cfg(cfg_scale: float, schedule: str, index: int, num_tokens: int) -> f
     :func:`visar.nn.guidance.ramp` evaluates it as ``((s - 1)(i + 1)) / L``, the order of the earlier
     in-model loop, so samples stay bit for bit.
     """
-    return cfg_scale if schedule == "constant" else ramp(cfg_scale, index + 1, num_tokens)
+    return scheduled(cfg_scale, schedule, index + 1, num_tokens)
 
 
 @register("sampler", "continuous_ar")

@@ -25,7 +25,7 @@ import torch
 
 from visar.conditions import Condition
 from visar.generators.protocol import NextScaleModel
-from visar.nn.guidance import cfg_mix, is_guided, ramp
+from visar.nn.guidance import cfg_mix, is_guided, scheduled
 from visar.registry import register
 from visar.samplers.base import Sampler
 from visar.samplers.compiled import StepCompiler
@@ -150,7 +150,7 @@ class NextScaleFlowSampler(Sampler):
             z = model.step(state, k)
             self.stats["model_passes"] += 1
             noise = torch.randn(R, s * s, C, generator=generator, device=noise_dev).to(dev)
-            cfg_k = ramp(cfg_scale, k, max(K - 1, 1)) if cfg_schedule == "linear" else float(cfg_scale)
+            cfg_k = scheduled(cfg_scale, cfg_schedule, k, max(K - 1, 1))
             out_rows = euler_scale(model, noise, z, grid, cfg_k, guided, guidance_low, guidance_high, on_step,
                                    velocity)
             if callback is not None:

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from visar.train.checkpoint import find_latest, is_complete
+from visar.train.checkpoint import find_latest, is_complete, is_sharded
 
 log = logging.getLogger("visar.train")
 
@@ -67,7 +67,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike, weights: 
                          "elsewhere (e.g. runs/probe)")
     check_writable_dir(out, "out")
     file = ckpt / f"{weights}.safetensors"
-    if not file.is_file():
+    if is_sharded(ckpt):
         raise ValueError(f"{ckpt} is a sharded checkpoint (train.fsdp.state_dict: sharded) and holds no whole "
                          f"{file.name}; resume the run with train.fsdp.state_dict=full to write one, then export")
     meta = json.loads((ckpt / "meta.json").read_text())
